@@ -1,0 +1,157 @@
+"""The set of checkpoints under one storage root, and how one becomes committed.
+
+Layout: ``<root>/step-NNNNNNNNN.tmp/`` while being written, ``<root>/step-NNNNNNNNN/``
+once committed. There is deliberately no "latest" pointer file: a pointer can be
+updated before (or without) the data it points to, so readers scan and verify instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import posixpath
+import re
+from collections.abc import Callable
+
+import fsspec
+
+from orchestrator.checkpoint.manifest import CheckpointInvalid, verify
+from orchestrator.checkpoint.storage import join, remove_tree, rename_dir
+
+logger = logging.getLogger(__name__)
+
+_STEP_RE = re.compile(r"step-(\d{9})")
+_TMP_SUFFIX = ".tmp"
+_MAX_STEP = 999_999_999
+
+
+def _step_name(step: int) -> str:
+    # A 10-digit name would not sort with the others and parse_step would ignore it,
+    # so the checkpoint would silently vanish; fail at save time instead.
+    if not 0 <= step <= _MAX_STEP:
+        raise ValueError(f"step must be in [0, {_MAX_STEP}], got {step}")
+    return f"step-{step:09d}"
+
+
+def step_dir(root: str, step: int) -> str:
+    return join(root, _step_name(step))
+
+
+def tmp_dir(root: str, step: int) -> str:
+    return join(root, _step_name(step) + _TMP_SUFFIX)
+
+
+def parse_step(name: str) -> int | None:
+    """Step number of a committed dir name (``step-000000042`` -> 42), else None."""
+    m = _STEP_RE.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def _list_dirs(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """Base names of the directories directly under root; [] if root does not exist."""
+    fs.invalidate_cache(root)  # other hosts may have committed since we last looked
+    try:
+        entries = fs.ls(root, detail=True)
+    except FileNotFoundError:
+        return []
+    return [
+        posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory"
+    ]
+
+
+def commit(
+    fs: fsspec.AbstractFileSystem,
+    tmp_path: str,
+    final_path: str,
+    check_hashes: bool = True,
+) -> None:
+    """Publish a fully written ``tmp_path`` as ``final_path``.
+
+    ``check_hashes=False`` verifies sizes only, for callers whose manifest hashes were
+    computed by the writing ranks and who do not want to re-read the checkpoint.
+    """
+    verify(fs, tmp_path, check_hashes=check_hashes)  # raises CheckpointInvalid
+    if fs.exists(final_path):
+        try:
+            verify(fs, final_path, check_hashes=check_hashes)
+        except CheckpointInvalid:
+            # Debris of an earlier crashed commit (e.g. a half-finished object-store
+            # copy); it can never be loaded, so replacing it loses nothing.
+            remove_tree(fs, final_path)
+        else:
+            # A good checkpoint for this step already exists (e.g. a retried save after
+            # a preemption); silently swapping it would change history under readers.
+            raise FileExistsError(f"verified checkpoint already exists at {final_path}")
+    rename_dir(fs, tmp_path, final_path)
+
+
+def committed_steps(fs: fsspec.AbstractFileSystem, root: str) -> list[int]:
+    """Steps whose final directory exists (not verified), newest first."""
+    steps = (parse_step(name) for name in _list_dirs(fs, root))
+    return sorted((s for s in steps if s is not None), reverse=True)
+
+
+def latest_verified(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    warn: Callable[[str], None] = logger.warning,
+    check_hashes: bool = True,
+) -> tuple[int, str] | None:
+    """Newest checkpoint that verifies, as (step, path); None if there is none.
+
+    Only CheckpointInvalid causes a fallback: other errors (auth, network) propagate,
+    because silently resuming from an older step on a transient error loses work.
+    """
+    steps = committed_steps(fs, root)
+    for i, step in enumerate(steps):
+        path = step_dir(root, step)
+        try:
+            verify(fs, path, check_hashes=check_hashes)
+        except CheckpointInvalid as e:
+            then = "using an earlier one" if i + 1 < len(steps) else "no earlier checkpoint left"
+            warn(f"skipping checkpoint {e}; {then}")
+            continue
+        return step, path
+    return None
+
+
+def prune(fs: fsspec.AbstractFileSystem, root: str, keep: int) -> list[int]:
+    """Keep the newest ``keep`` valid checkpoints, delete committed dirs older than them.
+
+    Invalid dirs newer than the oldest kept one are left for inspection. If fewer than
+    ``keep`` valid checkpoints exist nothing is deleted: we are below the retention
+    target, so nothing is surplus. Returns the deleted steps, newest first.
+    """
+    if keep < 1:
+        # keep=0 would delete the only thing a restarted job can resume from.
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    steps = committed_steps(fs, root)
+    kept: list[int] = []
+    for step in steps:
+        try:
+            # Sizes catch truncated uploads; full hashing every save would re-read
+            # the whole retention window.
+            verify(fs, step_dir(root, step), check_hashes=False)
+        except CheckpointInvalid:
+            continue
+        kept.append(step)
+        if len(kept) == keep:
+            break
+    if len(kept) < keep:
+        return []
+    oldest_kept = kept[-1]
+    deleted = [s for s in steps if s < oldest_kept]
+    for step in deleted:
+        remove_tree(fs, step_dir(root, step))
+    return deleted
+
+
+def remove_stale_tmp(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """Delete every ``*.tmp`` dir under root; returns their names.
+
+    Only safe when no save is in flight (e.g. at job start, before training), since an
+    in-progress save is indistinguishable from a crashed one.
+    """
+    names = sorted(n for n in _list_dirs(fs, root) if n.endswith(_TMP_SUFFIX))
+    for name in names:
+        remove_tree(fs, join(root, name))
+    return names

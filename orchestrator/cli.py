@@ -1,0 +1,75 @@
+"""The `spillway` command."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from orchestrator.config import ConfigError, compose_run, pick_device_type, validate
+
+
+def _bad_config(exc: ConfigError) -> int:
+    print(f"spillway: bad config: {exc}", file=sys.stderr)
+    return 2
+
+
+def local_env(state_dir: str, nproc: int) -> dict[str, str]:
+    """The environment of ranks started on this machine: temp files stay under the state dir."""
+    tmp = Path(state_dir) / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, SPILLWAY_HOME=state_dir, TMPDIR=str(tmp))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return env
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Train a run config here, in the foreground, on resources.devices local ranks."""
+    try:
+        cfg = compose_run(args.overrides)
+        nproc = cfg.resources.devices
+        validate(cfg, nproc, device_type=pick_device_type(cfg.trainer.device))
+    except ConfigError as exc:
+        return _bad_config(exc)
+    print(
+        f"spillway: {cfg.run_name} on {nproc} local rank(s), run dir {cfg.run_dir}", file=sys.stderr
+    )
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", cfg.recipe.module, *args.overrides, f"run_dir={cfg.run_dir}",
+    ]  # fmt: skip
+    try:
+        return subprocess.call(cmd, env=local_env(cfg.state_dir, nproc))
+    except KeyboardInterrupt:
+        # torchrun has already passed the interrupt on to the ranks; their output says where they stopped.
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spillway",
+        description="Train on the GPUs you own, spill onto leased clusters, resume anywhere.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="train a run config on this machine (one process per device)",
+        description="Compose conf/ with Hydra overrides, validate, and train on local ranks. "
+        "Running the same command again resumes from the latest committed checkpoint.",
+    )
+    run.add_argument(
+        "overrides", nargs="*", help="Hydra overrides, e.g. model=small trainer.max_steps=500"
+    )
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

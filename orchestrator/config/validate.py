@@ -1,0 +1,108 @@
+"""Checks a composed run config cannot express in types: ranges, choices, and the batch maths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from orchestrator.config.errors import ConfigError
+
+# Models too large to train on a CPU in any useful time; refused there rather than left to OOM.
+GPU_ONLY_MODELS = {"1b", "8b"}
+
+
+def pick_device_type(requested: str) -> str:
+    """trainer.device as the device type a rank will use: auto takes CUDA where there is one."""
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(key, f"'{value}' is not allowed (allowed: {', '.join(allowed)})")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(key, f"must be >= {low}, got {value}")
+
+
+def validate(cfg: DictConfig, world_size: int, device_type: str | None = None) -> None:
+    """Raise ConfigError for the first thing wrong with cfg when run on world_size ranks."""
+    t, d, m, o, c = cfg.trainer, cfg.data, cfg.model, cfg.optim, cfg.checkpoint
+    _at_least("trainer.max_steps", t.max_steps, 1)
+    if t.stop_at_step is not None and not 1 <= t.stop_at_step <= t.max_steps:
+        raise ConfigError(
+            "trainer.stop_at_step", f"must be null or in 1..{t.max_steps}, got {t.stop_at_step}"
+        )
+    _at_least("trainer.global_batch_size", t.global_batch_size, 1)
+    _at_least("trainer.micro_batch_size", t.micro_batch_size, 1)
+    _at_least("trainer.log_every", t.log_every, 1)
+    _at_least("trainer.collective_timeout_s", t.collective_timeout_s, 1)
+    _choice("trainer.device", t.device, ("auto", "cpu", "cuda"))
+    _choice("trainer.param_dtype", t.param_dtype, ("fp32", "bf16"))
+    if world_size < 1:
+        raise ConfigError("resources.devices", f"must be >= 1, got {world_size}")
+    if t.global_batch_size % world_size:
+        raise ConfigError(
+            "trainer.global_batch_size",
+            f"{t.global_batch_size} does not divide over {world_size} ranks "
+            f"(allowed: a multiple of {world_size})",
+        )
+
+    _choice("data.kind", d.kind, ("synthetic", "memmap", "repo_text"))
+    _choice("data.dtype", d.dtype, ("uint16", "uint32"))
+    _at_least("data.seq_len", d.seq_len, 2)
+    _at_least("data.vocab_size", d.vocab_size, 2)
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError("data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if d.vocab_size > m.vocab_size:
+        raise ConfigError(
+            "data.vocab_size", f"{d.vocab_size} exceeds model.vocab_size={m.vocab_size}"
+        )
+    if d.dtype == "uint16" and d.vocab_size > 65536:
+        raise ConfigError("data.dtype", "uint16 holds at most 65536 token ids (allowed: uint32)")
+    if d.kind == "memmap" and d.path is None:
+        raise ConfigError("data.path", "is required for data=memmap (a nanoGPT-style .bin file)")
+    if d.kind == "memmap" and not Path(str(d.path)).is_file():
+        raise ConfigError("data.path", f"no token file at {d.path} (allowed: an existing .bin)")
+
+    for key in (
+        "dim",
+        "n_layers",
+        "n_heads",
+        "n_kv_heads",
+        "vocab_size",
+        "ffn_hidden_dim",
+        "max_seq_len",
+    ):
+        _at_least(f"model.{key}", m[key], 1)
+    if m.dim % m.n_heads or (m.dim // m.n_heads) % 2:
+        raise ConfigError(
+            "model.n_heads", f"dim {m.dim} must split into an even head size over {m.n_heads} heads"
+        )
+    if m.n_heads % m.n_kv_heads:
+        raise ConfigError(
+            "model.n_kv_heads", f"must divide model.n_heads={m.n_heads}, got {m.n_kv_heads}"
+        )
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError("model.dropout", f"must be in [0, 1), got {m.dropout}")
+    if device_type == "cpu" and m.name in GPU_ONLY_MODELS:
+        raise ConfigError("model", f"'{m.name}' needs a GPU (allowed on CPU: tiny, small)")
+
+    _choice("optim.name", o.name, ("adamw",))
+    if o.lr <= 0:
+        raise ConfigError("optim.lr", f"must be > 0, got {o.lr}")
+    _at_least("optim.warmup_steps", o.warmup_steps, 0)
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
+    _at_least("optim.grad_clip", o.grad_clip, 0.0)
+
+    _at_least("checkpoint.every_steps", c.every_steps, 1)
+    _at_least("checkpoint.keep", c.keep, 2)
+    _choice("logger.kind", cfg.logger.kind, ("none", "wandb"))
+    _choice("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))

@@ -1,0 +1,200 @@
+"""The GPT recipe: FSDP2 training that stops, saves, and resumes exactly on any world size.
+
+    torchrun --nproc_per_node=2 -m recipes.gpt.train model=tiny data=synthetic \
+        trainer.max_steps=200 checkpoint.every_steps=50 run_dir=/tmp/run
+
+Writes RUN_DIR/metrics.jsonl (one line per optimizer step) and committed checkpoints under
+checkpoint.storage (RUN_DIR/checkpoints by default). Run the same command again, with any
+number of ranks, and it continues from the latest committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from orchestrator.checkpoint.distributed import Checkpointer
+from orchestrator.checkpoint.rng import seed_rng
+from orchestrator.config import ConfigError, compose_run, pick_device_type, validate
+from orchestrator.tracking.metrics import MetricsWriter
+from orchestrator.tracking.progress import Progress
+from orchestrator.tracking.wandb_run import WandbRun, new_run_id
+from recipes.gpt.data import BatchPlan, make_token_source, micro_batches
+from recipes.gpt.model import ModelArgs, Transformer, flops_per_token
+from recipes.gpt.optim import build_optimizer, clip_gradients, warmup_cosine
+from recipes.gpt.parallel import build_mesh, init_distributed, parallelize
+
+log = logging.getLogger("spillway.gpt")
+
+# Dense bf16 peak FLOP/s by device name, for MFU; unknown devices report no MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+# Keys of the model config that decide the parameters' shapes.
+SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim")
+
+
+def shape_hash(model_cfg: DictConfig) -> str:
+    shape = {k: model_cfg[k] for k in SHAPE_KEYS}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def train_step(model, optimizer, batches, device, grad_clip: float) -> tuple[float, float]:
+    """One optimizer step over this rank's micro-batches; returns (global mean loss, grad norm)."""
+    loss_sum = torch.zeros((), device=device)
+    for i, (inputs, targets) in enumerate(batches):
+        # Reduce-scatter gradients once per optimizer step, on the last micro-batch.
+        model.set_requires_gradient_sync(i == len(batches) - 1)
+        logits = model(inputs.to(device))
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.to(device).flatten())
+        (loss / len(batches)).backward()
+        loss_sum += loss.detach()
+    grad_norm = clip_gradients(model, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    # FSDP averaged the gradients over ranks; average the reported loss the same way.
+    dist.all_reduce(loss_sum)
+    return loss_sum.item() / (len(batches) * dist.get_world_size()), grad_norm
+
+
+def train(cfg: DictConfig) -> int:
+    """Train to trainer.max_steps (or stop_at_step); returns the last step reached."""
+    t, device_type = cfg.trainer, pick_device_type(cfg.trainer.device)
+    device = init_distributed(device_type, t.collective_timeout_s)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    plan = BatchPlan.for_world(t.global_batch_size, world, t.micro_batch_size)
+
+    # The same seed on every rank builds the same full model; sharding then splits it.
+    args = ModelArgs(**OmegaConf.to_container(cfg.model))
+    with torch.device(device):
+        model = Transformer(args)
+    model.init_weights(seed=t.seed)
+    model = parallelize(
+        model, build_mesh(device_type), t.param_dtype, t.activation_checkpointing, t.compile
+    )
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = warmup_cosine(optimizer, cfg.optim, t.max_steps)
+    source = make_token_source(cfg.data)
+    ckpt = Checkpointer(
+        cfg.checkpoint.storage,
+        keep=cfg.checkpoint.keep,
+        async_save=cfg.checkpoint.async_save,
+        verify_hashes=cfg.checkpoint.verify_hashes,
+        timeout_s=t.collective_timeout_s,
+    )
+
+    step, tokens_seen, run_id = 0, 0, new_run_id()
+    seed_rng(t.seed * 7919 + rank)
+    resume_step = ckpt.latest_step()
+    if resume_step is not None:
+        state = ckpt.load(resume_step, model, optimizer)
+        if state["shape_hash"] != shape_hash(cfg.model):
+            raise SystemExit(
+                f"spillway: checkpoint step {resume_step} in {cfg.checkpoint.storage} was saved "
+                f"from another model shape; use a new run_dir for model={cfg.model.name}"
+            )
+        step, tokens_seen, run_id = state["step"], state["tokens_seen"], state["run_id"]
+        scheduler.load_state_dict(state["scheduler"])
+        if not state["rng_restored"]:
+            seed_rng(t.seed * 7919 + rank + 104729 * step)
+
+    tracker = (
+        WandbRun(cfg.logger, run_id, cfg.run_dir, OmegaConf.to_container(cfg))
+        if (rank == 0 and cfg.logger.kind == "wandb")
+        else None
+    )
+    metrics = MetricsWriter(os.path.join(cfg.run_dir, "metrics.jsonl")) if rank == 0 else None
+    progress = Progress(t.max_steps, step, t.log_every, enabled=rank == 0)
+    progress.note(
+        f"{'resumed from step ' + str(step) if resume_step is not None else 'started'}: "
+        f"{world} rank(s) on {device_type}, {plan.per_rank} seq/rank in {plan.accum_steps} "
+        f"micro-batch(es), run_dir {cfg.run_dir}"
+    )
+    flops_tok, peak = flops_per_token(args, cfg.data.seq_len), peak_flops(device)
+    tokens_per_step = plan.global_batch * cfg.data.seq_len
+    stop_at = t.stop_at_step if t.stop_at_step and t.stop_at_step > step else None
+
+    while step < t.max_steps:
+        step += 1
+        began = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
+        batches = micro_batches(source, step, plan, rank)
+        loss, grad_norm = train_step(model, optimizer, batches, device, cfg.optim.grad_clip)
+        scheduler.step()
+        tokens_seen += tokens_per_step
+        elapsed = time.perf_counter() - began
+        record = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "world_size": world,
+            "tokens_seen": tokens_seen,
+            "step_time_s": elapsed,
+            "tokens_per_s": tokens_per_step / elapsed,
+        }
+        if peak:
+            record["mfu"] = flops_tok * tokens_per_step / elapsed / (peak * world)
+        if metrics:
+            metrics.write(record)
+            if tracker:
+                tracker.log(record, step=step)
+        progress.update(step, loss, lr, record["tokens_per_s"])
+
+        if step % cfg.checkpoint.every_steps == 0 or step in (t.max_steps, stop_at):
+            extra = {
+                "tokens_seen": tokens_seen,
+                "data_position": step,
+                "run_id": run_id,
+                "scheduler": scheduler.state_dict(),
+                "shape_hash": shape_hash(cfg.model),
+                "config": OmegaConf.to_container(cfg),
+            }
+            ckpt.save(step, model, optimizer, extra)
+        else:
+            ckpt.poll()
+        if step == stop_at:
+            progress.note(f"stopped after step {step} (trainer.stop_at_step); run again to resume")
+            break
+
+    ckpt.close()
+    progress.close()
+    if tracker:
+        tracker.close()
+    if metrics:
+        metrics.close()
+    dist.destroy_process_group()
+    return step
+
+
+def main(argv: list[str] | None = None) -> None:
+    overrides = sys.argv[1:] if argv is None else argv
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        cfg = compose_run(overrides)
+        validate(cfg, world_size, device_type=pick_device_type(cfg.trainer.device))
+    except ConfigError as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"spillway: bad config: {exc}", file=sys.stderr)
+        sys.exit(2)
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Composition of conf/ against the typed schema, and the checks validate() adds."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from orchestrator.config import ConfigError, compose_run, validate
+from orchestrator.config.compose import CONF_DIR
+from orchestrator.config.schema import GROUPS
+
+
+def test_defaults_compose_and_validate(spillway_home: Path):
+    cfg = compose_run()
+    validate(cfg, world_size=2, device_type="cpu")
+    assert cfg.model.name == "tiny" and cfg.data.kind == "repo_text"
+    assert cfg.run_dir == f"{spillway_home}/runs/gpt-tiny-repo_text"
+    assert cfg.checkpoint.storage == f"{cfg.run_dir}/checkpoints"
+
+
+@pytest.mark.parametrize("group", sorted(GROUPS))
+def test_every_option_of_every_group_matches_the_schema(group):
+    fields = {f.name for f in dataclasses.fields(GROUPS[group])}
+    options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    assert options, group
+    for option in options:
+        cfg = compose_run([f"{group}={option}"])
+        assert set(cfg[group]) == fields
+
+
+def test_overrides_reach_the_typed_fields():
+    cfg = compose_run(["trainer.max_steps=7", "optim.lr=0.5", "run_dir=/x/y"])
+    assert cfg.trainer.max_steps == 7 and isinstance(cfg.trainer.max_steps, int)
+    assert cfg.optim.lr == 0.5
+    assert cfg.checkpoint.storage == "/x/y/checkpoints"
+
+
+def test_trainer_gpu_extends_default():
+    cfg = compose_run(["trainer=gpu"])
+    assert cfg.trainer.param_dtype == "bf16" and cfg.trainer.compile
+    assert cfg.trainer.max_steps == 300  # inherited from trainer/default.yaml
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "words"),
+    [
+        (["trainer.foo=1"], "trainer.foo", "no such key (allowed: max_steps, stop_at_step"),
+        (["+trainer.foo=1"], "trainer.foo", "no such key"),
+        (["foo=1"], "foo", "no such key (allowed: recipe, model"),
+        (["model=huge"], "model", "no option 'huge' (allowed: 1b, 8b, small, tiny)"),
+        (["trainer.compile=maybe"], "trainer.compile", "Value 'maybe'"),
+        (["trainer.max_steps"], "overrides", "Error parsing override"),
+    ],
+)
+def test_composition_errors_name_the_key(overrides, key, words):
+    with pytest.raises(ConfigError) as err:
+        compose_run(overrides)
+    assert err.value.key == key
+    assert words in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world", "key"),
+    [
+        (["trainer.max_steps=0"], 1, "trainer.max_steps"),
+        (["trainer.stop_at_step=301"], 1, "trainer.stop_at_step"),
+        (["trainer.global_batch_size=10"], 4, "trainer.global_batch_size"),
+        (["trainer.param_dtype=fp16"], 1, "trainer.param_dtype"),
+        (["trainer.device=tpu"], 1, "trainer.device"),
+        (["checkpoint.keep=1"], 1, "checkpoint.keep"),
+        (["checkpoint.every_steps=0"], 1, "checkpoint.every_steps"),
+        (["data.seq_len=512"], 1, "data.seq_len"),
+        (["data.vocab_size=1000"], 1, "data.vocab_size"),
+        (["model.n_kv_heads=3"], 1, "model.n_kv_heads"),
+        (["model.dropout=1.5"], 1, "model.dropout"),
+        (["optim.lr=0"], 1, "optim.lr"),
+        (["logger.kind=tensorboard"], 1, "logger.kind"),
+        (["data=synthetic", "data.dtype=int8"], 1, "data.dtype"),
+    ],
+)
+def test_validation_names_the_key_and_what_is_allowed(overrides, world, key):
+    cfg = compose_run(overrides)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg, world_size=world, device_type="cpu")
+    assert err.value.key == key
+
+
+def test_global_batch_divides_any_world_size_it_is_a_multiple_of():
+    cfg = compose_run(["trainer.global_batch_size=24"])
+    for world in (1, 2, 3, 4, 6, 8, 12, 24):
+        validate(cfg, world_size=world, device_type="cpu")
+    with pytest.raises(ConfigError, match="does not divide over 5 ranks"):
+        validate(cfg, world_size=5, device_type="cpu")
+
+
+def test_gpu_models_are_refused_on_cpu_only():
+    cfg = compose_run(["model=8b", "data=synthetic"])
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        validate(cfg, world_size=1, device_type="cpu")
+    validate(cfg, world_size=8, device_type="cuda")
+
+
+def test_composed_config_is_plain_data():
+    cfg = compose_run()
+    assert OmegaConf.to_container(cfg, throw_on_missing=True)["trainer"]["max_steps"] == 300
