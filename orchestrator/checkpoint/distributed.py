@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -61,6 +62,7 @@ class Checkpointer:
         self.keep = keep
         self.async_save = async_save
         self.verify_hashes = verify_hashes
+        self.timeout_s = timeout_s
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         timeout = timedelta(seconds=timeout_s)
@@ -93,20 +95,28 @@ class Checkpointer:
         dist.broadcast_object_list(choice, src=0, group=self._ctrl)
         return choice[0]
 
-    def load(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-        """Load step into the (sharded) model and optimizer; returns the trainer state saved with it."""
+    def read_state(self, step: int) -> dict:
+        """The trainer state saved with step: small, read before any tensor is loaded."""
         path = catalog.step_dir(self.root, step)
-        state = json.loads(self.fs.cat_file(join(path, TRAINER_STATE)))
+        return json.loads(self.fs.cat_file(join(path, TRAINER_STATE)))
+
+    def load(self, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> bool:
+        """Load step into the (sharded) model and optimizer, resharding to this world size.
+
+        Returns whether this rank's RNG state was restored: per-rank streams only mean the same
+        thing on the same number of ranks, so on another world size the caller reseeds.
+        """
+        path = catalog.step_dir(self.root, step)
         model_sd, optim_sd = get_state_dict(model, optimizer)
         sd = {"model": model_sd, "optim": optim_sd}
         dcp.load(sd, storage_reader=FsspecReader(self._url(path)))
         set_state_dict(model, optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         rng_path = join(path, _rng_file(self.rank))
-        # Per-rank RNG streams only mean the same thing on the same number of ranks.
-        state["rng_restored"] = state["world_size"] == self.world_size and self.fs.exists(rng_path)
-        if state["rng_restored"]:
+        same_world = self.read_state(step)["world_size"] == self.world_size
+        if same_world and self.fs.exists(rng_path):
             restore_rng(torch.load(io.BytesIO(self.fs.cat_file(rng_path)), weights_only=False))
-        return state
+            return True
+        return False
 
     # ---- saving --------------------------------------------------------------------------
 
@@ -143,10 +153,11 @@ class Checkpointer:
             self.wait()
 
     def _hash_own_files(self, written: Future, tmp: str) -> list[FileEntry]:
+        """Hash what this rank wrote (its DCP shard files and its RNG state), off the train loop."""
         written.result()
-        own = [_rng_file(self.rank)]
-        own += [n.rsplit("/", 1)[-1] for n in self.fs.ls(tmp, detail=False)]
-        own = [n for n in own if n.startswith(f"__{self.rank}_") or n == _rng_file(self.rank)]
+        shard_prefix = f"__{self.rank}_"
+        own = [n.rsplit("/", 1)[-1] for n in self.fs.ls(tmp, detail=False)]
+        own = [n for n in own if n.startswith(shard_prefix)] + [_rng_file(self.rank)]
         return [hash_file(self.fs, join(tmp, rel), rel) for rel in own]
 
     def poll(self) -> int | None:
@@ -161,12 +172,18 @@ class Checkpointer:
         """Block until the save in flight (if any) is committed."""
         if self._pending is None:
             return None
-        self._pending.hashed.result()
+        try:
+            self._pending.hashed.result(timeout=self.timeout_s)
+        except FutureTimeout:
+            raise TimeoutError(
+                f"checkpoint step {self._pending.step} not written after {self.timeout_s}s "
+                f"(trainer.collective_timeout_s) to {self.url}"
+            ) from None
         return self._commit()
 
     def _commit(self) -> int:
         pending, self._pending = self._pending, None
-        entries = pending.hashed.result()
+        entries = pending.hashed.result(timeout=self.timeout_s)
         gathered: list[list[FileEntry] | None] = [None] * self.world_size
         dist.all_gather_object(gathered, entries, group=self._ctrl)
         if self.rank == 0:

@@ -26,7 +26,7 @@ from orchestrator.checkpoint.distributed import Checkpointer
 from orchestrator.checkpoint.rng import seed_rng
 from orchestrator.config import ConfigError, compose_run, pick_device_type, validate
 from orchestrator.tracking.metrics import MetricsWriter
-from orchestrator.tracking.progress import Progress
+from orchestrator.tracking.progress import BarSafeHandler, Progress
 from orchestrator.tracking.wandb_run import WandbRun, new_run_id
 from recipes.gpt.data import BatchPlan, make_token_source, micro_batches
 from recipes.gpt.model import ModelArgs, Transformer, flops_per_token
@@ -77,7 +77,11 @@ def train(cfg: DictConfig) -> int:
     t, device_type = cfg.trainer, pick_device_type(cfg.trainer.device)
     device = init_distributed(device_type, t.collective_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(message)s",
+        handlers=[BarSafeHandler()],
+    )
     plan = BatchPlan.for_world(t.global_batch_size, world, t.micro_batch_size)
 
     # The same seed on every rank builds the same full model; sharding then splits it.
@@ -103,16 +107,16 @@ def train(cfg: DictConfig) -> int:
     seed_rng(t.seed * 7919 + rank)
     resume_step = ckpt.latest_step()
     if resume_step is not None:
-        state = ckpt.load(resume_step, model, optimizer)
+        state = ckpt.read_state(resume_step)
         if state["shape_hash"] != shape_hash(cfg.model):
             raise SystemExit(
                 f"spillway: checkpoint step {resume_step} in {cfg.checkpoint.storage} was saved "
                 f"from another model shape; use a new run_dir for model={cfg.model.name}"
             )
+        if not ckpt.load(resume_step, model, optimizer):
+            seed_rng(t.seed * 7919 + rank + 104729 * resume_step)
         step, tokens_seen, run_id = state["step"], state["tokens_seen"], state["run_id"]
         scheduler.load_state_dict(state["scheduler"])
-        if not state["rng_restored"]:
-            seed_rng(t.seed * 7919 + rank + 104729 * step)
 
     tracker = (
         WandbRun(cfg.logger, run_id, cfg.run_dir, OmegaConf.to_container(cfg))

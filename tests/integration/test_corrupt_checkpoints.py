@@ -72,3 +72,11 @@ def test_checkpoint_without_manifest_is_never_loaded(reference, stopped_at_nine,
     assert "resumed from step 6" in resumed.stderr
     assert resumed.losses == reference.losses
     assert not (run_dir / "checkpoints" / "step-000000010.tmp").exists()
+
+
+def test_checkpoint_of_another_model_shape_is_refused(stopped_at_nine, tmp_path):
+    run_dir, _ = damaged_copy(stopped_at_nine, tmp_path)
+    refused = torchrun(1, run_dir, "model.n_kv_heads=4")
+    assert refused.returncode != 0
+    assert "was saved from another model shape" in refused.stderr
+    assert sorted(refused.losses) == list(range(1, 10)), "nothing may be trained or logged"
