@@ -66,13 +66,15 @@ def commit(
 ) -> None:
     """Publish a fully written ``tmp_path`` as ``final_path``.
 
-    ``check_hashes=False`` verifies sizes only, for callers whose manifest hashes were
-    computed by the writing ranks and who do not want to re-read the checkpoint.
+    ``check_hashes=False`` verifies the new checkpoint's sizes only, for callers whose manifest
+    hashes were computed by the writing ranks and who do not want to re-read the checkpoint.
+    An existing final_path is always checked in full: a same-size corruption must not pass
+    for a good checkpoint and block the new one.
     """
     verify(fs, tmp_path, check_hashes=check_hashes)  # raises CheckpointInvalid
     if fs.exists(final_path):
         try:
-            verify(fs, final_path, check_hashes=check_hashes)
+            verify(fs, final_path, check_hashes=True)
         except CheckpointInvalid:
             # Debris of an earlier crashed commit (e.g. a half-finished object-store
             # copy); it can never be loaded, so replacing it loses nothing.

@@ -38,6 +38,13 @@ def _rng_file(rank: int) -> str:
     return f"rng/rank-{rank:05d}.pt"
 
 
+class CheckpointSaveFailed(RuntimeError):
+    def __init__(self, step: int, failed: dict[int, str]) -> None:
+        self.step, self.failed = step, failed
+        ranks = "; ".join(f"rank {r}: {why}" for r, why in sorted(failed.items()))
+        super().__init__(f"checkpoint step {step} was not committed ({ranks})")
+
+
 @dataclass
 class PendingSave:
     step: int
@@ -148,9 +155,10 @@ class Checkpointer:
             written.set_result(None)
         hashed = self._worker.submit(self._hash_own_files, written, tmp)
         self._pending = PendingSave(step, tmp, hashed, began)
-        self.last_save_blocking_s = time.perf_counter() - began
         if not self.async_save:
             self.wait()
+        # What the train loop waited for: staging when async, the whole commit when not.
+        self.last_save_blocking_s = time.perf_counter() - began
 
     def _hash_own_files(self, written: Future, tmp: str) -> list[FileEntry]:
         """Hash what this rank wrote (its DCP shard files and its RNG state), off the train loop."""
@@ -170,35 +178,37 @@ class Checkpointer:
 
     def wait(self) -> int | None:
         """Block until the save in flight (if any) is committed."""
-        if self._pending is None:
-            return None
+        return None if self._pending is None else self._commit()
+
+    def _own_result(self, pending: PendingSave) -> list[FileEntry] | str:
+        """This rank's hashed files, or why it has none: every rank must reach the gather."""
         try:
-            self._pending.hashed.result(timeout=self.timeout_s)
+            return pending.hashed.result(timeout=self.timeout_s)
         except FutureTimeout:
-            raise TimeoutError(
-                f"checkpoint step {self._pending.step} not written after {self.timeout_s}s "
-                f"(trainer.collective_timeout_s) to {self.url}"
-            ) from None
-        return self._commit()
+            return f"not written after {self.timeout_s}s (trainer.collective_timeout_s)"
+        except Exception as exc:  # reported to every rank by the gather below
+            return f"{type(exc).__name__}: {exc}"
 
     def _commit(self) -> int:
+        """All ranks: gather what each wrote; rank 0 writes the manifest last and renames."""
         pending, self._pending = self._pending, None
-        entries = pending.hashed.result(timeout=self.timeout_s)
-        gathered: list[list[FileEntry] | None] = [None] * self.world_size
-        dist.all_gather_object(gathered, entries, group=self._ctrl)
+        gathered: list[list[FileEntry] | str | None] = [None] * self.world_size
+        dist.all_gather_object(gathered, self._own_result(pending), group=self._ctrl)
+        failed = {r: why for r, why in enumerate(gathered) if isinstance(why, str)}
+        if failed:
+            # Nothing is committed: the .tmp dir stays unlisted and is removed at the next start.
+            raise CheckpointSaveFailed(pending.step, failed)
         if self.rank == 0:
             precomputed = {e.path: e for rank_entries in gathered for e in rank_entries}
             build_manifest(
                 self.fs, pending.tmp_path, meta={"step": pending.step}, precomputed=precomputed
             )
-            catalog.commit(self.fs, pending.tmp_path, catalog.step_dir(self.root, pending.step))
+            final = catalog.step_dir(self.root, pending.step)
+            catalog.commit(self.fs, pending.tmp_path, final, check_hashes=False)
             for old in catalog.prune(self.fs, self.root, self.keep):
                 log.info("pruned checkpoint step %d (keeping the last %d)", old, self.keep)
-            log.info(
-                "committed checkpoint step %d in %.2fs",
-                pending.step,
-                time.perf_counter() - pending.started,
-            )
+            elapsed = time.perf_counter() - pending.started
+            log.info("committed checkpoint step %d in %.2fs", pending.step, elapsed)
         dist.barrier(group=self._ctrl)
         return pending.step
 

@@ -29,7 +29,15 @@ def test_resume_from_a_memory_store_in_one_process(tmp_path):
 
 def test_file_url_storage_outside_the_run_dir(tmp_path):
     store = tmp_path / "bucket"
-    ok(torchrun(2, tmp_path / "run", *SHORT, f"checkpoint.storage=file://{store}", "trainer.stop_at_step=3"))
+    ok(
+        torchrun(
+            2,
+            tmp_path / "run",
+            *SHORT,
+            f"checkpoint.storage=file://{store}",
+            "trainer.stop_at_step=3",
+        )
+    )
     assert (store / "step-000000003" / "MANIFEST.json").is_file()
     assert not (tmp_path / "run" / "checkpoints").exists()
     resumed = ok(torchrun(1, tmp_path / "run", *SHORT, f"checkpoint.storage=file://{store}"))

@@ -26,6 +26,13 @@ common = [
     f"run_dir={run_dir}",
 ]
 train(compose_run([*common, "trainer.stop_at_step=4"]))
-listing = sorted(p.rsplit("/", 1)[-1] for p in fsspec.filesystem("memory").ls("/spillway-test/ckpt", detail=False))
+listing = sorted(
+    p.rsplit("/", 1)[-1]
+    for p in fsspec.filesystem("memory").ls("/spillway-test/ckpt", detail=False)
+)
 train(compose_run(common))
-print(json.dumps({"listing": listing, "steps": [r["step"] for r in read_metrics(f"{run_dir}/metrics.jsonl")]}))
+print(
+    json.dumps(
+        {"listing": listing, "steps": [r["step"] for r in read_metrics(f"{run_dir}/metrics.jsonl")]}
+    )
+)
