@@ -5,7 +5,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import types
+import typing
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
@@ -60,20 +63,17 @@ def _refuse_missing(cfg: DictConfig, prefix: str = "") -> None:
             _refuse_missing(value, f"{full}.")
 
 
-def _refuse_unknown_keys(cfg: DictConfig) -> None:
+def _refuse_unknown_keys(cfg: DictConfig, node: type = schema.RunConfig, prefix: str = "") -> None:
     """A `+group.key=...` override slips past the schema's struct flag; refuse it here."""
-    for group in cfg:
-        node = schema.GROUPS.get(str(group))
-        if node is None and group not in _ROOT_FIELDS:
-            raise _unknown_key(str(group))
-        if node is not None:
-            allowed = {f.name for f in dataclasses.fields(node)}
-            extra = [k for k in cfg[group] if k not in allowed]
-            if extra:
-                raise _unknown_key(f"{group}.{extra[0]}")
-
-
-_ROOT_FIELDS = {f.name for f in dataclasses.fields(schema.RunConfig)}
+    fields = _fields(node)
+    for key in cfg:
+        full = f"{prefix}{key}"
+        if fields is not None and key not in fields:
+            raise _unknown_key(full)
+        child = fields[key] if fields is not None else _dict_value_type(node)
+        value = cfg[key]
+        if isinstance(value, DictConfig) and child is not None:
+            _refuse_unknown_keys(value, child, f"{full}.")
 
 
 def _first_line(text: str) -> str:
@@ -109,17 +109,37 @@ def _from_omegaconf(exc: OmegaConfBaseException) -> ConfigError:
     return ConfigError(key, text)
 
 
+def _unwrap(tp: Any) -> Any:
+    """`X | None` -> X, so optional nested configs are walked like required ones."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    is_union = typing.get_origin(tp) in (typing.Union, types.UnionType)
+    return args[0] if is_union and len(args) == 1 else tp
+
+
+def _fields(node: Any) -> dict[str, Any] | None:
+    """A dataclass's field types by name; None for anything else (a dict takes any key)."""
+    if not dataclasses.is_dataclass(node):
+        return None
+    return {k: _unwrap(v) for k, v in typing.get_type_hints(node).items()}
+
+
+def _dict_value_type(node: Any) -> Any:
+    return _unwrap(typing.get_args(node)[1]) if typing.get_origin(node) is dict else None
+
+
 def _unknown_key(full_key: str) -> ConfigError:
-    """Name the misspelt key and list the keys its group does have."""
+    """Name the first part of the key the schema lacks and list what its parent does have."""
     parts = full_key.lstrip("+~").split(".")
-    node: type | None = schema.RunConfig
-    for part in parts[:-1]:
-        fields = {f.name: f for f in dataclasses.fields(node)} if node else {}
-        node = schema.GROUPS.get(part) if part in fields else None
-        if node is None:
-            break
-    if node is None:
-        allowed = [f.name for f in dataclasses.fields(schema.RunConfig)]
-        return ConfigError(parts[0], f"no such key (allowed: {', '.join(allowed)})")
-    allowed = [f.name for f in dataclasses.fields(node)]
-    return ConfigError(".".join(parts), f"no such key (allowed: {', '.join(allowed)})")
+    node: Any = schema.RunConfig
+    for i, part in enumerate(parts):
+        fields = _fields(node)
+        if fields is None:
+            node = _dict_value_type(node)
+            if node is None:
+                break
+            continue
+        if part not in fields:
+            key = ".".join(parts[: i + 1])
+            return ConfigError(key, f"no such key (allowed: {', '.join(fields)})")
+        node = fields[part]
+    return ConfigError(".".join(parts), "no such key")

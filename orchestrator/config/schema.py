@@ -99,7 +99,50 @@ class LoggerConfig:
 @dataclass
 class ResourcesConfig:
     devices: int = 2
+    # With min_devices the job takes any world size from min_devices to devices that divides
+    # the global batch, whichever a cluster can give it now; null means exactly `devices`.
+    min_devices: int | None = None
     device_type: str = "cpu"
+
+
+@dataclass
+class ClusterConfig:
+    kind: str = "owned"  # owned | leased
+    # Started on this machine by `spillway fleet up` (ports, token and temp dir chosen there).
+    local: bool = False
+    address: str | None = None  # Ray GCS address host:port, for a cluster started elsewhere
+    dashboard_url: str | None = None
+    token_path: str | None = None  # a file holding the cluster's Ray auth token
+    token_env: str | None = None  # or an environment variable holding it
+    device_type: str = "cpu"
+    devices: int = 1
+    # The Ray resource one rank asks for: GPU on a GPU cluster, a custom one on a CPU fleet.
+    device_resource: str = "spillway_device"
+    storage_root: str = MISSING
+    cost_per_device_hour: float = 0.0
+    # Lease window: ISO-8601 times, or offsets from `fleet up` such as +0s, +30m, +2h.
+    lease_start: str | None = None
+    lease_end: str | None = None
+    num_cpus: int | None = None  # local clusters: CPUs the raylet advertises
+
+
+@dataclass
+class FleetConfig:
+    name: str = "local"
+    # In order of preference: home first.
+    clusters: dict[str, ClusterConfig] = field(default_factory=dict)
+
+
+@dataclass
+class PlacementConfig:
+    # Clusters the job accepts, in order of preference; empty means the whole fleet in order.
+    clusters: list[str] = field(default_factory=list)
+    # Device types the job accepts, in order of preference; empty means any.
+    device_types: list[str] = field(default_factory=list)
+    priority: int = 0
+    budget: float | None = None  # most the whole job may cost; null means no limit
+    spill_after_s: float = 0.0
+    min_lease_left_s: float = 300.0
 
 
 @dataclass
@@ -112,6 +155,8 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
     state_dir: str = "${spillway_home:}"
     run_name: str = "${recipe.name}-${model.name}-${data.name}"
     run_dir: str = "${state_dir}/runs/${run_name}"
@@ -126,6 +171,8 @@ GROUPS: dict[str, type] = {
     "checkpoint": CheckpointConfig,
     "logger": LoggerConfig,
     "resources": ResourcesConfig,
+    "fleet": FleetConfig,
+    "placement": PlacementConfig,
 }
 
 
