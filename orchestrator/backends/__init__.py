@@ -1,0 +1,1 @@
+"""Talking to one cluster: submit, poll, logs, stop."""

@@ -1,0 +1,1 @@
+"""The controller: durable job state and the loop that places, watches and recovers jobs."""

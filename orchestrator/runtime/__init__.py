@@ -1,0 +1,1 @@
+"""What runs on a cluster: the driver of one attempt and its rank actors."""

@@ -1,0 +1,35 @@
+"""A rank: one Ray actor per device, running the recipe under torch.distributed."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+
+import ray
+
+
+@ray.remote(max_restarts=0)
+class RankActor:
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's address and a free port: rank 0's becomes MASTER_ADDR:MASTER_PORT."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def run(self, rank: int, world_size: int, master: tuple[str, int], overrides: list[str]) -> int:
+        from orchestrator.config import compose_run
+
+        # Ray already narrowed CUDA_VISIBLE_DEVICES to this actor's GPU, so it is device 0.
+        os.environ.update(
+            RANK=str(rank),
+            LOCAL_RANK="0",
+            WORLD_SIZE=str(world_size),
+            MASTER_ADDR=master[0],
+            MASTER_PORT=str(master[1]),
+        )
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        cfg = compose_run(overrides)
+        recipe = importlib.import_module(cfg.recipe.module)
+        return recipe.train(cfg)
