@@ -81,6 +81,12 @@ CREATE TABLE IF NOT EXISTS events (
     attempt INTEGER
 );
 CREATE INDEX IF NOT EXISTS events_by_job ON events(job_id, id);
+CREATE TABLE IF NOT EXISTS controllers (
+    name TEXT PRIMARY KEY,      -- one controller per fleet
+    pid INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    beat_at REAL NOT NULL       -- written every loop: how the CLI knows the controller is alive
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
     job_id TEXT NOT NULL,
     step INTEGER NOT NULL,
@@ -425,6 +431,42 @@ class ControllerState:
             if reason is not None:
                 self._log(conn, job_id, now, "wait", reason)
             return True
+
+    def heartbeat(self, name: str, pid: int, started_at: float, now: float) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO controllers (name, pid, started_at, beat_at) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET pid = excluded.pid,"
+                " started_at = excluded.started_at, beat_at = excluded.beat_at",
+                (name, pid, started_at, now),
+            )
+
+    def last_heartbeat(self, name: str) -> tuple[int, float, float] | None:
+        """(pid, started_at, beat_at) of the fleet's controller, if it ever ran."""
+        rows = self._read(
+            "SELECT pid, started_at, beat_at FROM controllers WHERE name = ?", (name,)
+        )
+        return (rows[0]["pid"], rows[0]["started_at"], rows[0]["beat_at"]) if rows else None
+
+    def update_job_config(self, job_id: str, job: JobRecord) -> None:
+        """Replace what a job runs (for `spillway resume JOB trainer.max_steps=...`)."""
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET run_config = ?, overrides = ?, world_sizes = ?, device_types = ?,"
+                " clusters = ?, priority = ?, budget = ? WHERE job_id = ?",
+                (
+                    job.run_config,
+                    json.dumps(list(job.overrides)),
+                    json.dumps(list(job.world_sizes)),
+                    json.dumps(list(job.device_types)),
+                    json.dumps(list(job.clusters)),
+                    job.priority,
+                    job.budget,
+                    job_id,
+                ),
+            )
+            if cur.rowcount == 0:
+                raise JobNotFound(job_id)
 
     def add_cost(self, job_id: str, amount: float) -> None:
         with self._write() as conn:

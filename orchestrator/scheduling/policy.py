@@ -27,6 +27,7 @@ alone is known to be the blocker, and the Wait says so.
 from __future__ import annotations
 
 import bisect
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -150,12 +151,13 @@ def _decide(
         cost = _projected_cost(job, cluster, size, now)
         refusal = _lease_refusal(job, cluster, now) or _budget_refusal(job, cluster, cost)
         if refusal is None:
-            if True:
+            if cluster.kind == OWNED or waited >= job.spill_after_s:
                 return Placement(job.job_id, cluster.name, size, cost)
-            refusal = spill_wait = spill_wait or (
-                f"waiting {_num(max(waited, 0.0))}s of placement.spill_after_s="
+            refusal = (
+                f"waiting {_num(waited)}s of placement.spill_after_s="
                 f"{_num(job.spill_after_s)} for owned capacity before using {cluster.name}"
             )
+            spill_wait = spill_wait or refusal
         first_refusal = first_refusal or refusal
     return Wait(job.job_id, _wait_reason(job, fleet, options, first_refusal, spill_wait))
 
@@ -280,7 +282,6 @@ def _names(names: list[str]) -> str:
 
 
 def _require_unique(what: str, keys: list[str]) -> None:
-    seen: set[str] = set()
-    dupes = sorted({k for k in keys if k in seen or seen.add(k)})
+    dupes = sorted(k for k, n in Counter(keys).items() if n > 1)
     if dupes:
         raise ValueError(f"duplicate {what}: {', '.join(dupes)}")

@@ -1,0 +1,1 @@
+"""One module per group of `spillway` commands; cli.py only parses."""

@@ -1,0 +1,48 @@
+"""From a composed run config to what the controller stores and the policy reads."""
+
+from __future__ import annotations
+
+import json
+
+from omegaconf import DictConfig, OmegaConf
+
+from orchestrator.controller.state import JobRecord
+from orchestrator.scheduling import JobRequest
+
+
+def allowed_world_sizes(cfg: DictConfig) -> list[int]:
+    """World sizes from resources.min_devices to resources.devices that divide the global batch."""
+    high = cfg.resources.devices
+    low = cfg.resources.min_devices if cfg.resources.min_devices is not None else high
+    return [w for w in range(max(1, low), high + 1) if cfg.trainer.global_batch_size % w == 0]
+
+
+def job_record(job_id: str, cfg: DictConfig, overrides: list[str]) -> JobRecord:
+    return JobRecord(
+        job_id=job_id,
+        name=cfg.run_name,
+        run_config=json.dumps(OmegaConf.to_container(cfg)),
+        world_sizes=allowed_world_sizes(cfg),
+        overrides=list(overrides),
+        device_types=list(cfg.placement.device_types),
+        clusters=list(cfg.placement.clusters),
+        priority=cfg.placement.priority,
+        budget=cfg.placement.budget,
+    )
+
+
+def job_request(job: JobRecord) -> JobRequest:
+    placement = json.loads(job.run_config)["placement"]
+    return JobRequest(
+        job_id=job.job_id,
+        world_sizes=tuple(job.world_sizes),
+        device_types=tuple(job.device_types),
+        clusters=tuple(job.clusters),
+        priority=job.priority,
+        submitted_at=job.submitted_at,
+        waiting_since=job.waiting_since,
+        budget=job.budget,
+        cost_so_far=job.cost_so_far,
+        spill_after_s=placement["spill_after_s"],
+        min_lease_left_s=placement["min_lease_left_s"],
+    )

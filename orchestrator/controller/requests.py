@@ -1,0 +1,40 @@
+"""What a user asks of the controller, written into its state for its loop to carry out.
+
+The CLI never joins a Ray cluster: it records the request (a new PENDING job, a job marked
+CANCELLED, a finished job back to PENDING) and the controller's next reconcile makes the
+clusters match. Transitions are compare-and-set, so a request and the loop cannot both win.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from orchestrator.controller.job_states import TERMINAL, JobState
+from orchestrator.controller.jobs import job_record
+from orchestrator.controller.state import ControllerState, JobRecord
+
+ACTIVE = {s for s in JobState if s not in TERMINAL}
+
+
+def submit_job(state: ControllerState, cfg: DictConfig, overrides: list[str], now: float) -> str:
+    job_id = state.new_job_id(now)
+    state.add_job(job_record(job_id, cfg, overrides), now)
+    return job_id
+
+
+def cancel_job(state: ControllerState, job_id: str, now: float) -> JobRecord:
+    """Mark the job CANCELLED; the controller stops its running attempt on the next loop."""
+    job = state.get_job(job_id)
+    if job is None or job.state in TERMINAL:
+        return job
+    return state.transition(job_id, JobState.CANCELLED, "cancelled by the user", now, expect=ACTIVE)
+
+
+def resume_job(
+    state: ControllerState, job_id: str, cfg: DictConfig, overrides: list[str], now: float
+) -> JobRecord:
+    """A finished job back to the queue, to continue from its latest committed checkpoint."""
+    state.update_job_config(job_id, job_record(job_id, cfg, overrides))
+    return state.transition(
+        job_id, JobState.PENDING, "resumed by the user", now, expect=set(TERMINAL)
+    )
