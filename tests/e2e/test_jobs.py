@@ -1,0 +1,185 @@
+"""Jobs through the controller on the local fleet: placement with spillover, cancel, bad
+input, a controller killed mid-job, resume. Real Ray clusters, real training."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from orchestrator.backends.ray_jobs import RayJobsBackend
+from orchestrator.controller.service import actor_name
+from orchestrator.controller.state import ControllerState
+from orchestrator.fleet.local import LocalCluster
+from orchestrator.fleet.processes import session_pids
+
+pytestmark = pytest.mark.slow
+
+TINY = ["data=synthetic", "data.seq_len=32", "checkpoint.every_steps=10"]
+
+
+def launch(spillway, *overrides: str) -> str:
+    done = spillway("launch", *TINY, *overrides, "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)["job_id"]
+
+
+def job(spillway, job_id: str) -> dict:
+    return spillway.json("status", job_id)
+
+
+def wait_for(predicate, timeout_s: float = 120, what: str = "condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+def controller_beat(home) -> tuple[int, float, float] | None:
+    with ControllerState.open(home / "controller.db") as state:
+        return state.last_heartbeat(actor_name("local"))
+
+
+def cluster(home, name: str) -> LocalCluster:
+    return LocalCluster.load(home / "fleet" / "local" / f"{name}.json")
+
+
+def test_first_launch_starts_the_fleet_and_spills_the_second_job(spillway, fleet_home):
+    first = spillway("launch", *TINY, "trainer.max_steps=60", "run_name=A", "--json")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "starting the local fleet (home, partner)" in first.stderr
+    assert "starting the controller on home" in first.stderr
+    a = json.loads(first.stdout)["job_id"]
+    b = launch(spillway, "trainer.max_steps=60", "run_name=B")
+
+    for job_id in (a, b):
+        waited = spillway("wait", job_id, "--timeout", "240", timeout=300)
+        assert waited.returncode == 0, (job(spillway, job_id), waited.stderr[-2000:])
+    where = {j: job(spillway, j)["attempts"] for j in (a, b)}
+    assert [(x["cluster"], x["world_size"], x["state"]) for x in where[a]] == [
+        ("home", 2, "SUCCEEDED")
+    ]
+    assert [(x["cluster"], x["world_size"], x["state"]) for x in where[b]] == [
+        ("partner", 2, "SUCCEEDED")
+    ]
+    events_b = [e["cause"] for e in job(spillway, b)["events"]]
+    assert "placed on partner (leased) with 2 device(s)" in events_b
+    assert job(spillway, b)["cost"] > 0 and job(spillway, a)["cost"] == 0
+
+    for job_id, where_ran in ((a, "home"), (b, "partner")):
+        lines = [json.loads(x) for x in spillway("metrics", job_id, "--json").stdout.splitlines()]
+        assert [x["step"] for x in lines] == list(range(1, 61))
+        assert {(x["attempt"], x["cluster"]) for x in lines} == {(1, where_ran)}
+
+    table = spillway("status").stdout
+    assert a in table and b in table and "SUCCEEDED" in table
+
+
+def test_cancel_stops_the_ray_job_and_frees_its_devices(spillway, fleet_home):
+    c = launch(spillway, "trainer.max_steps=5000", "run_name=C")
+    wait_for(lambda: job(spillway, c)["state"] == "RUNNING", what="C running")
+    ray_job_id = job(spillway, c)["attempts"][0]["ray_job_id"]
+
+    done = spillway("cancel", c)
+    assert done.returncode == 0 and "CANCELLED" in done.stdout
+    attempt = wait_for(
+        lambda: (
+            job(spillway, c)["attempts"][0]["state"] == "STOPPED"
+            and job(spillway, c)["attempts"][0]
+        )
+    )
+    assert attempt["exit_reason"] == "cancelled by the user"
+
+    home = next(v for v in _views(fleet_home) if v.name == attempt["cluster"])
+    backend = RayJobsBackend(home)
+    wait_for(lambda: str(backend.status(ray_job_id)) == "STOPPED", what="the Ray job stopped")
+    free = wait_for(
+        lambda: (
+            next(x for x in spillway.json("fleet", "status")["clusters"] if x["name"] == home.name)[
+                "devices_free"
+            ]
+            == home.devices
+        ),
+        what="devices freed",
+    )
+    assert free
+    assert spillway("wait", c).returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        (["trainer.foo=1"], "trainer.foo: no such key"),
+        (["fleet=nope"], "fleet: no option 'nope' (allowed: example_partner, local)"),
+        (
+            ["resources.devices=8", "trainer.global_batch_size=16"],
+            "resources.devices: wants 8 devices; the largest accepted cluster (partner) has 4",
+        ),
+        (["placement.clusters=[mars]"], "placement.clusters"),
+    ],
+)
+def test_bad_launches_submit_nothing(spillway, fleet_home, overrides, words):
+    before = spillway.json("status")["jobs"]
+    done = spillway("launch", *TINY, *overrides)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("spillway: bad config: "), done.stderr
+    assert words in lines[0]
+    assert spillway.json("status")["jobs"] == before
+
+
+def test_a_killed_controller_comes_back_and_submits_nothing_twice(spillway, fleet_home):
+    d = launch(spillway, "trainer.max_steps=300", "run_name=D")
+    wait_for(lambda: job(spillway, d)["state"] == "RUNNING", what="D running")
+    old_pid, _, _ = controller_beat(fleet_home)
+    os.kill(old_pid, signal.SIGKILL)
+
+    new = wait_for(
+        lambda: (b := controller_beat(fleet_home)) and b[0] != old_pid and b,
+        what="a new controller",
+    )
+    assert new[0] != old_pid
+    assert spillway("wait", d, "--timeout", "240", timeout=300).returncode == 0
+    attempts = job(spillway, d)["attempts"]
+    assert len(attempts) == 1 and attempts[0]["state"] == "SUCCEEDED"
+    backend = RayJobsBackend(
+        next(v for v in _views(fleet_home) if v.name == attempts[0]["cluster"])
+    )
+    submitted = [
+        j.submission_id for j in backend.client.list_jobs() if j.submission_id.startswith(d)
+    ]
+    assert submitted == [f"{d}-a1"]
+
+
+def test_resume_continues_a_finished_job_from_its_checkpoint(spillway, fleet_home):
+    e = launch(spillway, "trainer.max_steps=20", "run_name=E")
+    assert spillway("wait", e, "--timeout", "200", timeout=260).returncode == 0
+    done = spillway("resume", e, "trainer.max_steps=40")
+    assert done.returncode == 0 and "PENDING" in done.stdout
+    assert spillway("wait", e, "--timeout", "200", timeout=260).returncode == 0
+    attempts = job(spillway, e)["attempts"]
+    assert [x["state"] for x in attempts] == ["SUCCEEDED", "SUCCEEDED"]
+    assert attempts[1]["cluster"] == attempts[0]["cluster"]
+    assert (attempts[1]["first_step"], attempts[1]["last_step"]) == (21, 40)
+    assert spillway("resume", e, "trainer.max_step=50").returncode == 2
+
+
+def test_fleet_down_leaves_no_process(spillway, fleet_home):
+    clusters = [cluster(fleet_home, n) for n in ("home", "partner")]
+    assert spillway("fleet", "down").returncode == 0
+    for c in clusters:
+        assert session_pids(c.session_id) == [], c.name
+
+
+def _views(home):
+    from orchestrator.config import compose_run
+    from orchestrator.fleet import fleet as fleet_mod
+
+    cfg = compose_run([f"state_dir={home}"])
+    return fleet_mod.resolve(cfg.fleet, str(home))
