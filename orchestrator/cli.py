@@ -8,7 +8,9 @@ import sys
 
 from orchestrator.commands import fleet as fleet_cmds
 from orchestrator.commands import jobs as job_cmds
+from orchestrator.commands.common import Refused, bad_config, refuse
 from orchestrator.commands.run import cmd_run
+from orchestrator.config import ConfigError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     # `spillway status | head` should end quietly, as any Unix filter does.
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        return bad_config(exc)
+    except Refused as exc:
+        return refuse(str(exc))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ def bad_config(exc: ConfigError) -> int:
     return 2
 
 
+class Refused(Exception):
+    """A request the command turns down: one line to the user, exit status 2."""
+
+
 def refuse(message: str) -> int:
     print(f"spillway: {message}", file=sys.stderr)
     return 2

@@ -6,8 +6,7 @@ import argparse
 import json
 import time
 
-from orchestrator.commands.common import bad_config
-from orchestrator.config import ConfigError, compose_run
+from orchestrator.config import compose_run
 from orchestrator.console import duration, table
 
 
@@ -23,10 +22,7 @@ def fleet_config(overrides: list[str]):
 def cmd_fleet_up(args: argparse.Namespace) -> int:
     from orchestrator.fleet import fleet
 
-    try:
-        cfg = fleet_config(args.overrides)
-    except ConfigError as exc:
-        return bad_config(exc)
+    cfg = fleet_config(args.overrides)
     outcome = fleet.up(cfg.fleet, cfg.state_dir)
     views = fleet.resolve(cfg.fleet, cfg.state_dir)
     now = time.time()
@@ -51,10 +47,7 @@ def cmd_fleet_up(args: argparse.Namespace) -> int:
 def cmd_fleet_down(args: argparse.Namespace) -> int:
     from orchestrator.fleet import fleet
 
-    try:
-        cfg = fleet_config(args.overrides)
-    except ConfigError as exc:
-        return bad_config(exc)
+    cfg = fleet_config(args.overrides)
     stopped = fleet.down(cfg.fleet, cfg.state_dir)
     if not stopped:
         print(f"fleet {cfg.fleet.name}: no local cluster was running")
@@ -67,10 +60,7 @@ def cmd_fleet_status(args: argparse.Namespace) -> int:
     from orchestrator.fleet import fleet
     from orchestrator.fleet.status import cluster_status
 
-    try:
-        cfg = fleet_config(args.overrides)
-    except ConfigError as exc:
-        return bad_config(exc)
+    cfg = fleet_config(args.overrides)
     rows = [cluster_status(v) for v in fleet.resolve(cfg.fleet, cfg.state_dir)]
     if args.json:
         print(

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from orchestrator.commands.common import bad_config, refuse
+from orchestrator.commands.common import Refused
 from orchestrator.config import ConfigError, compose_run, spillway_home, validate
 from orchestrator.console import duration, table
 from orchestrator.controller.controller import attempt_dir
@@ -125,10 +125,7 @@ def ensure_controller(cfg: DictConfig, state: ControllerState) -> None:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
-    try:
-        cfg = launch_config(args.overrides)
-    except ConfigError as exc:
-        return bad_config(exc)
+    cfg = launch_config(args.overrides)
     ensure_fleet(cfg)
     state = ControllerState.open(Path(cfg.state_dir) / "controller.db")
     ensure_controller(cfg, state)
@@ -169,6 +166,13 @@ def _load(job_id: str) -> tuple[ControllerState, JobRecord] | None:
     return (state, job) if job else None
 
 
+def require_job(job_id: str) -> tuple[ControllerState, JobRecord]:
+    loaded = _load(job_id)
+    if loaded is None:
+        raise Refused(f"no job {job_id}")
+    return loaded
+
+
 def follow(job_id: str, max_steps: int, timeout_s: float | None) -> int:
     """A progress bar of steps and loss until the job ends; exit 0 only if it SUCCEEDED."""
     from tqdm import tqdm
@@ -203,10 +207,8 @@ def follow(job_id: str, max_steps: int, timeout_s: float | None) -> int:
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    loaded = _load(args.job)
-    if loaded is None:
-        return refuse(f"no job {args.job}")
-    max_steps = json.loads(loaded[1].run_config)["trainer"]["max_steps"]
+    _, job = require_job(args.job)
+    max_steps = json.loads(job.run_config)["trainer"]["max_steps"]
     return follow(args.job, max_steps, args.timeout)
 
 
@@ -232,9 +234,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     state = open_state()
     jobs = state.list_jobs() if state else []
     if args.job:
-        job = state.get_job(args.job) if state else None
-        if job is None:
-            return refuse(f"no job {args.job}")
+        state, job = require_job(args.job)
         info = _job_json(state, job, detail=True)
         if args.json:
             print(json.dumps(info, indent=1))
@@ -270,10 +270,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_metrics(args: argparse.Namespace) -> int:
-    loaded = _load(args.job)
-    if loaded is None:
-        return refuse(f"no job {args.job}")
-    lines = job_metrics(*loaded)
+    lines = job_metrics(*require_job(args.job))
     if args.json:
         for line in lines:
             print(json.dumps(line))
@@ -289,13 +286,10 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 def cmd_logs(args: argparse.Namespace) -> int:
     from orchestrator.backends.ray_jobs import RayJobsBackend
 
-    loaded = _load(args.job)
-    if loaded is None:
-        return refuse(f"no job {args.job}")
-    state, job = loaded
+    state, job = require_job(args.job)
     attempt = state.latest_attempt(job.job_id)
     if attempt is None or attempt.ray_job_id is None:
-        return refuse(f"job {args.job} has not started yet ({job.reason})")
+        raise Refused(f"job {args.job} has not started yet ({job.reason})")
     backend = RayJobsBackend(job_clusters(job)[attempt.cluster])
     if args.follow:
         for chunk in backend.follow_logs(attempt.ray_job_id):
@@ -307,29 +301,20 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    loaded = _load(args.job)
-    if loaded is None:
-        return refuse(f"no job {args.job}")
-    state, job = loaded
+    state, job = require_job(args.job)
     job = cancel_job(state, args.job, time.time())
     print(f"{args.job}: {job.state.value}")
     return 0
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
-    loaded = _load(args.job)
-    if loaded is None:
-        return refuse(f"no job {args.job}")
-    state, job = loaded
+    state, job = require_job(args.job)
     if job.state not in TERMINAL:
-        return refuse(
+        raise Refused(
             f"job {args.job} is {job.state.value}; only a finished, failed or cancelled job resumes"
         )
     overrides = [*job.overrides, *args.overrides]
-    try:
-        cfg = launch_config(overrides)
-    except ConfigError as exc:
-        return bad_config(exc)
+    cfg = launch_config(overrides)
     ensure_fleet(cfg)
     ensure_controller(cfg, state)
     print(f"{args.job}: {resume_job(state, args.job, cfg, overrides, time.time()).state.value}")

@@ -8,8 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from orchestrator.commands.common import bad_config
-from orchestrator.config import ConfigError, compose_run, pick_device_type, validate
+from orchestrator.config import compose_run, pick_device_type, validate
 
 
 def local_env(state_dir: str, nproc: int) -> dict[str, str]:
@@ -23,12 +22,9 @@ def local_env(state_dir: str, nproc: int) -> dict[str, str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Train a run config here, in the foreground, on resources.devices local ranks."""
-    try:
-        cfg = compose_run(args.overrides)
-        nproc = cfg.resources.devices
-        validate(cfg, nproc, device_type=pick_device_type(cfg.trainer.device))
-    except ConfigError as exc:
-        return bad_config(exc)
+    cfg = compose_run(args.overrides)
+    nproc = cfg.resources.devices
+    validate(cfg, nproc, device_type=pick_device_type(cfg.trainer.device))
     print(
         f"spillway: {cfg.run_name} on {nproc} local rank(s), run dir {cfg.run_dir}", file=sys.stderr
     )
