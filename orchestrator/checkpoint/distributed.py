@@ -176,6 +176,12 @@ class Checkpointer:
         dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._ctrl)
         return self._commit() if done.item() else None
 
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank if it is True on any: how all ranks agree to stop at one step."""
+        vote = torch.tensor([int(flag)])
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._ctrl)
+        return bool(vote.item())
+
     def wait(self) -> int | None:
         """Block until the save in flight (if any) is committed."""
         return None if self._pending is None else self._commit()

@@ -18,6 +18,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.runtime.rank import RankActor
 from orchestrator.runtime.spec import EXIT_NO_CAPACITY, AttemptSpec
+from recipes.common.drain import DRAINED_EXIT
 
 
 def _device_options(device_resource: str) -> dict:
@@ -66,7 +67,8 @@ def run_attempt(spec: AttemptSpec) -> int:
     while pending:
         done, pending = ray.wait(pending, num_returns=1)
         try:
-            ray.get(done[0])
+            if ray.get(done[0]).drained:
+                code = DRAINED_EXIT  # all ranks agreed to drain; the others return drained too
         except Exception as exc:  # a rank failed or its process died
             rank = running.index(done[0])
             print(

@@ -18,7 +18,7 @@ class RankActor:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def run(self, rank: int, world_size: int, master: tuple[str, int], overrides: list[str]) -> int:
+    def run(self, rank: int, world_size: int, master: tuple[str, int], overrides: list[str]):
         from orchestrator.config import compose_run
 
         # Ray already narrowed CUDA_VISIBLE_DEVICES to this actor's GPU, so it is device 0.

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -28,6 +29,7 @@ from orchestrator.config import ConfigError, compose_run, pick_device_type, vali
 from orchestrator.tracking.metrics import MetricsWriter
 from orchestrator.tracking.progress import BarSafeHandler, Progress
 from orchestrator.tracking.wandb_run import WandbRun, new_run_id
+from recipes.common.drain import DRAINED_EXIT, Drain, SigtermDrain
 from recipes.gpt.data import BatchPlan, make_token_source, micro_batches
 from recipes.gpt.model import ModelArgs, Transformer, flops_per_token
 from recipes.gpt.optim import build_optimizer, clip_gradients, warmup_cosine
@@ -72,8 +74,15 @@ def train_step(model, optimizer, batches, device, grad_clip: float) -> tuple[flo
     return loss_sum.item() / (len(batches) * dist.get_world_size()), grad_norm
 
 
-def train(cfg: DictConfig) -> int:
-    """Train to trainer.max_steps (or stop_at_step); returns the last step reached."""
+@dataclass(frozen=True)
+class TrainResult:
+    step: int  # the last step trained (and checkpointed)
+    drained: bool  # stopped early on a drain request
+
+
+def train(cfg: DictConfig, drain: Drain | None = None) -> TrainResult:
+    """Train to trainer.max_steps, stop_at_step, or a drain, whichever comes first."""
+    drain = drain if drain is not None else SigtermDrain(cfg.run_dir)
     t, device_type = cfg.trainer, pick_device_type(cfg.trainer.device)
     device = init_distributed(device_type, t.collective_timeout_s)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -133,6 +142,18 @@ def train(cfg: DictConfig) -> int:
     flops_tok, peak = flops_per_token(args, cfg.data.seq_len), peak_flops(device)
     tokens_per_step = plan.global_batch * cfg.data.seq_len
     stop_at = t.stop_at_step if t.stop_at_step and t.stop_at_step > step else None
+    drained = False
+
+    def trainer_state(step: int, tokens_seen: int) -> dict:
+        """Everything besides model and optimizer that an exact resume needs."""
+        return {
+            "tokens_seen": tokens_seen,
+            "data_position": step,
+            "run_id": run_id,
+            "scheduler": scheduler.state_dict(),
+            "shape_hash": shape_hash(cfg.model),
+            "config": OmegaConf.to_container(cfg),
+        }
 
     while step < t.max_steps:
         step += 1
@@ -161,18 +182,23 @@ def train(cfg: DictConfig) -> int:
                 tracker.log(record, step=step)
         progress.update(step, loss, lr, record["tokens_per_s"])
 
-        if step % cfg.checkpoint.every_steps == 0 or step in (t.max_steps, stop_at):
-            extra = {
-                "tokens_seen": tokens_seen,
-                "data_position": step,
-                "run_id": run_id,
-                "scheduler": scheduler.state_dict(),
-                "shape_hash": shape_hash(cfg.model),
-                "config": OmegaConf.to_container(cfg),
-            }
-            ckpt.save(step, model, optimizer, extra)
+        saved = step % cfg.checkpoint.every_steps == 0 or step in (t.max_steps, stop_at)
+        if saved:
+            ckpt.save(step, model, optimizer, trainer_state(step, tokens_seen))
         else:
             ckpt.poll()
+        # Every rank agrees at this boundary, so one rank's SIGTERM drains them all.
+        if ckpt.any_rank(drain.requested() is not None):
+            if not saved:
+                ckpt.save(step, model, optimizer, trainer_state(step, tokens_seen))
+            ckpt.wait()
+            if rank == 0:
+                drain.acknowledge(step)
+            progress.note(
+                f"drained after step {step} ({drain.requested() or 'another rank was asked'})"
+            )
+            drained = True
+            break
         if step == stop_at:
             progress.note(f"stopped after step {step} (trainer.stop_at_step); run again to resume")
             break
@@ -184,7 +210,7 @@ def train(cfg: DictConfig) -> int:
     if metrics:
         metrics.close()
     dist.destroy_process_group()
-    return step
+    return TrainResult(step, drained)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -197,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"spillway: bad config: {exc}", file=sys.stderr)
         sys.exit(2)
-    train(cfg)
+    result = train(cfg)
+    sys.exit(DRAINED_EXIT if result.drained else 0)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""What every recipe shares with whatever runs it."""

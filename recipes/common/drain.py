@@ -1,0 +1,57 @@
+"""Drain: checkpoint at the next step boundary, acknowledge, exit. One signal for every reason.
+
+A lease ending, `spillway migrate`, a preemption and a SIGTERM from a partner taking its nodes
+back all end the same way: every rank agrees at a step boundary, a committed checkpoint of that
+step is saved, rank 0 writes DRAINED.json into the run dir, and the process exits with
+DRAINED_EXIT, which the controller tells apart from a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Protocol
+
+# EX_TEMPFAIL: stopped on request with a committed checkpoint; try again elsewhere.
+DRAINED_EXIT = 75
+ACK_FILE = "DRAINED.json"
+
+
+class Drain(Protocol):
+    def requested(self) -> str | None:
+        """Why this rank was asked to drain, or None."""
+
+    def acknowledge(self, step: int) -> None:
+        """Called on rank 0 once the checkpoint of `step` is committed."""
+
+
+class SigtermDrain:
+    """Drains on SIGTERM (or SIGINT): what a partner sends when it takes its nodes back."""
+
+    def __init__(self, run_dir: str | None = None) -> None:
+        self.run_dir = run_dir
+        self.reason: str | None = None
+        # Handlers can only be installed from the main thread; elsewhere the runner drains us.
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        self.reason = self.reason or signal.Signals(signum).name
+
+    def requested(self) -> str | None:
+        return self.reason
+
+    def acknowledge(self, step: int) -> None:
+        if self.run_dir is None:
+            return
+        ack = {"step": step, "reason": self.reason or "another rank was asked", "at": time.time()}
+        path = Path(self.run_dir) / ACK_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        tmp.write_text(json.dumps(ack))
+        os.replace(tmp, path)
