@@ -14,6 +14,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from orchestrator.backends.ray_jobs import RayJobsBackend, submission_id
+from orchestrator.checkpoint import catalog
+from orchestrator.checkpoint.storage import open_root
+from orchestrator.checkpoint.transfer import copy_checkpoint
 from orchestrator.controller.job_states import AttemptState, JobState
 from orchestrator.controller.jobs import job_request
 from orchestrator.controller.requests import ACTIVE
@@ -26,7 +29,7 @@ from orchestrator.controller.state import (
 from orchestrator.fleet import fleet as fleet_mod
 from orchestrator.fleet.fleet import ClusterView
 from orchestrator.fleet.probe import probe
-from orchestrator.runtime.spec import EXIT_NO_CAPACITY, AttemptSpec
+from orchestrator.runtime.spec import EXIT_DRAINED, EXIT_NO_CAPACITY, AttemptSpec
 from orchestrator.scheduling import ClusterSnapshot, Placement, place
 from orchestrator.tracking.metrics import read_metrics
 
@@ -39,6 +42,10 @@ def job_root(cluster: ClusterView, job_id: str) -> str:
 
 def attempt_dir(cluster: ClusterView, job_id: str, attempt: int) -> str:
     return f"{job_root(cluster, job_id)}/attempt-{attempt}"
+
+
+def checkpoints_url(cluster: ClusterView, job_id: str) -> str:
+    return f"{job_root(cluster, job_id)}/checkpoints"
 
 
 class Controller:
@@ -125,7 +132,12 @@ class Controller:
             return
         ended = AttemptState.STOPPED if status == "STOPPED" else AttemptState.FAILED
         self.state.update_attempt(job.job_id, attempt.attempt, state=ended, **fields)
-        if f"exit code {EXIT_NO_CAPACITY}" in (info.message or ""):
+        if f"exit code {EXIT_DRAINED}" in (info.message or ""):
+            self.state.update_attempt(job.job_id, attempt.attempt, state=AttemptState.DRAINED)
+            at = f" after step {steps[-1]}" if steps else ""
+            cause = f"drained on {cluster.name}{at}; back to the queue with its checkpoint"
+            self._settle(job.job_id, JobState.PENDING, cause, now, attempt.attempt)
+        elif f"exit code {EXIT_NO_CAPACITY}" in (info.message or ""):
             cause = f"{cluster.name} could not reserve {attempt.world_size} device(s); back to the queue"
             self._settle(job.job_id, JobState.PENDING, cause, now, attempt.attempt)
         else:
@@ -150,9 +162,15 @@ class Controller:
         snapshots = [self._snapshot(c) for c in clusters.values()]
         for decision in place([job_request(j) for j in pending], snapshots, now):
             if isinstance(decision, Placement):
-                self._start(
-                    self._job(decision.job_id), clusters[decision.cluster], decision.world_size, now
-                )
+                job = self._job(decision.job_id)
+                try:
+                    self._bring_checkpoint(job, clusters[decision.cluster], clusters, now)
+                except Exception as exc:  # never start without the checkpoint it should resume
+                    self.state.set_reason(
+                        job.job_id, f"checkpoint copy to {decision.cluster} failed: {exc}", now
+                    )
+                    continue
+                self._start(job, clusters[decision.cluster], decision.world_size, now)
             else:
                 self.state.set_reason(decision.job_id, decision.reason, now)
 
@@ -170,8 +188,31 @@ class Controller:
             reachable=cluster.running and probe(cluster).reachable,
         )
 
+    def _bring_checkpoint(
+        self, job: JobRecord, target: ClusterView, clusters: dict[str, ClusterView], now: float
+    ) -> None:
+        """A job moving to another cluster takes its latest committed checkpoint along, verified."""
+        last = self.state.latest_attempt(job.job_id)
+        if last is None or last.cluster == target.name:
+            return
+        src, dst = (
+            checkpoints_url(clusters[last.cluster], job.job_id),
+            checkpoints_url(target, job.job_id),
+        )
+        fs, root = open_root(src)
+        if catalog.latest_verified(fs, root, warn=log.warning) is None:
+            return  # nothing committed yet: the new attempt starts from step 0, as the old one did
+        copied = copy_checkpoint(src, dst)
+        self.state.record_checkpoint(
+            job.job_id, copied.step, target.name, dst, copied.bytes, True, now
+        )
+        cause = (
+            f"copied checkpoint step {copied.step} from {last.cluster} to {target.name}: "
+            f"{copied.bytes} bytes in {copied.seconds:.2f}s ({copied.bytes_per_s / 1e6:.1f} MB/s), verified"
+        )
+        self.state.add_event(job.job_id, "migrate", cause, now)
+
     def _spec(self, job: JobRecord, cluster: ClusterView, attempt: AttemptRecord) -> AttemptSpec:
-        root = job_root(cluster, job.job_id)
         return AttemptSpec(
             job_id=job.job_id,
             attempt=attempt.attempt,
@@ -181,7 +222,7 @@ class Controller:
                 *job.overrides,
                 f"resources.devices={attempt.world_size}",
                 f"run_dir={attempt_dir(cluster, job.job_id, attempt.attempt)}",
-                f"checkpoint.storage={root}/checkpoints",
+                f"checkpoint.storage={checkpoints_url(cluster, job.job_id)}",
             ],
         )
 

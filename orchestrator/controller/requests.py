@@ -7,8 +7,6 @@ clusters match. Transitions are compare-and-set, so a request and the loop canno
 
 from __future__ import annotations
 
-import dataclasses
-
 from omegaconf import DictConfig
 
 from orchestrator.controller.job_states import TERMINAL, JobState
@@ -35,16 +33,9 @@ def cancel_job(state: ControllerState, job_id: str, now: float) -> JobRecord:
 def resume_job(
     state: ControllerState, job_id: str, cfg: DictConfig, overrides: list[str], now: float
 ) -> JobRecord:
-    """A finished job back to the queue, to continue from its latest committed checkpoint.
-
-    Its checkpoints live in the storage of the cluster it last ran on, and moving them to
-    another cluster (copy, verify, commit) is migration's job: until then it resumes there.
-    """
-    record = job_record(job_id, cfg, overrides)
-    last = state.latest_attempt(job_id)
-    if last is not None:
-        record = dataclasses.replace(record, clusters=[last.cluster])
-    state.update_job_config(job_id, record)
+    """A finished job back to the queue, to continue from its latest committed checkpoint
+    (which the controller copies to wherever the job is placed next)."""
+    state.update_job_config(job_id, job_record(job_id, cfg, overrides))
     return state.transition(
         job_id, JobState.PENDING, "resumed by the user", now, expect=set(TERMINAL)
     )

@@ -17,8 +17,7 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator.runtime.rank import RankActor
-from orchestrator.runtime.spec import EXIT_NO_CAPACITY, AttemptSpec
-from recipes.common.drain import DRAINED_EXIT
+from orchestrator.runtime.spec import EXIT_DRAINED, EXIT_NO_CAPACITY, AttemptSpec
 
 
 def _device_options(device_resource: str) -> dict:
@@ -68,7 +67,7 @@ def run_attempt(spec: AttemptSpec) -> int:
         done, pending = ray.wait(pending, num_returns=1)
         try:
             if ray.get(done[0]).drained:
-                code = DRAINED_EXIT  # all ranks agreed to drain; the others return drained too
+                code = EXIT_DRAINED  # all ranks agreed to drain; the others return drained too
         except Exception as exc:  # a rank failed or its process died
             rank = running.index(done[0])
             print(

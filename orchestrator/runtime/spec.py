@@ -6,10 +6,13 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
+from recipes.common.drain import DRAINED_EXIT
+
 SPEC_ENV = "SPILLWAY_ATTEMPT_SPEC"
 
 # Driver exit codes the controller tells apart from a training failure.
 EXIT_NO_CAPACITY = 3  # the placement group could not be reserved in time
+EXIT_DRAINED = DRAINED_EXIT  # every rank stopped at one step with a committed checkpoint
 
 
 @dataclass(frozen=True)

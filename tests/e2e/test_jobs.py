@@ -170,6 +170,36 @@ def test_resume_continues_a_finished_job_from_its_checkpoint(spillway, fleet_hom
     assert spillway("resume", e, "trainer.max_step=50").returncode == 2
 
 
+def test_a_job_moved_to_another_cluster_takes_its_checkpoint_along(spillway, fleet_home):
+    f = launch(spillway, "trainer.max_steps=20", "run_name=F")
+    assert spillway("wait", f, "--timeout", "200", timeout=260).returncode == 0
+    first = job(spillway, f)["attempts"][0]
+    other, devices = ("partner", 4) if first["cluster"] == "home" else ("home", 2)
+    moved = spillway(
+        "resume",
+        f,
+        "trainer.max_steps=40",
+        f"placement.clusters=[{other}]",
+        f"resources.devices={devices}",
+    )
+    assert moved.returncode == 0, moved.stderr
+    assert spillway("wait", f, "--timeout", "200", timeout=260).returncode == 0
+    info = job(spillway, f)
+    second = info["attempts"][1]
+    assert (second["cluster"], second["world_size"], second["state"]) == (
+        other,
+        devices,
+        "SUCCEEDED",
+    )
+    assert (second["first_step"], second["last_step"]) == (21, 40), (
+        "resumed from the copied checkpoint"
+    )
+    migrations = [e["cause"] for e in info["events"] if e["kind"] == "migrate"]
+    assert len(migrations) == 1, migrations
+    assert migrations[0].startswith(f"copied checkpoint step 20 from {first['cluster']} to {other}")
+    assert migrations[0].endswith("verified")
+
+
 def test_fleet_down_leaves_no_process(spillway, fleet_home):
     clusters = [cluster(fleet_home, n) for n in ("home", "partner")]
     assert spillway("fleet", "down").returncode == 0
