@@ -21,8 +21,8 @@ from orchestrator.console import duration, table
 from orchestrator.controller.controller import attempt_dir
 from orchestrator.controller.job_states import TERMINAL, JobState
 from orchestrator.controller.jobs import allowed_world_sizes, job_record, job_request
-from orchestrator.controller.requests import cancel_job, resume_job, submit_job
-from orchestrator.controller.state import ControllerState, JobRecord
+from orchestrator.controller.requests import cancel_job, migrate_job, resume_job, submit_job
+from orchestrator.controller.state import ControllerState, InvalidTransition, JobRecord
 from orchestrator.fleet import fleet as fleet_mod
 from orchestrator.fleet.checks import validate_fleet
 from orchestrator.fleet.fleet import ClusterView
@@ -321,6 +321,23 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_migrate(args: argparse.Namespace) -> int:
+    state, job = require_job(args.job)
+    clusters = job_clusters(job)
+    if args.to not in clusters:
+        raise Refused(f"--to {args.to}: no such cluster (allowed: {', '.join(clusters)})")
+    if job.state != JobState.RUNNING:
+        raise Refused(f"job {args.job} is {job.state.value}; only a running job migrates")
+    try:
+        job = migrate_job(state, args.job, args.to, time.time())
+    except InvalidTransition as exc:
+        raise Refused(str(exc)) from None
+    print(
+        f"{args.job}: {job.state.value} (drains at its next step boundary, then moves to {args.to})"
+    )
+    return 0
+
+
 def add_parsers(sub) -> None:
     launch = sub.add_parser("launch", help="submit a run to the fleet's controller")
     launch.add_argument("overrides", nargs="*", help="Hydra overrides of the run config")
@@ -363,3 +380,8 @@ def add_parsers(sub) -> None:
     resume.add_argument("job")
     resume.add_argument("overrides", nargs="*")
     resume.set_defaults(func=cmd_resume)
+
+    migrate = sub.add_parser("migrate", help="drain a running job and move it, with its checkpoint")
+    migrate.add_argument("job")
+    migrate.add_argument("--to", required=True, metavar="CLUSTER")
+    migrate.set_defaults(func=cmd_migrate)

@@ -29,6 +29,8 @@ from orchestrator.controller.state import (
 from orchestrator.fleet import fleet as fleet_mod
 from orchestrator.fleet.fleet import ClusterView
 from orchestrator.fleet.probe import probe
+from orchestrator.runtime.drain import MARKER as DRAIN_MARKER
+from orchestrator.runtime.drain import request_drain
 from orchestrator.runtime.spec import EXIT_DRAINED, EXIT_NO_CAPACITY, AttemptSpec
 from orchestrator.scheduling import ClusterSnapshot, Placement, place
 from orchestrator.tracking.metrics import read_metrics
@@ -103,6 +105,11 @@ class Controller:
             self.state.update_attempt(job_id, attempt.attempt, ray_job_id=ray_job_id)
         status = str(backend.status(ray_job_id))
         job = self._job(job_id)
+        if job.state == JobState.DRAINING and status in ("PENDING", "RUNNING"):
+            run_dir = attempt_dir(cluster, job_id, attempt.attempt)
+            fs, path = open_root(run_dir)
+            if not fs.exists(f"{path}/{DRAIN_MARKER}"):
+                request_drain(run_dir, job.reason or "drain requested")
         if status == "RUNNING" and attempt.state == AttemptState.SUBMITTED:
             self.state.update_attempt(
                 job_id, attempt.attempt, state=AttemptState.RUNNING, started_at=now
@@ -200,9 +207,13 @@ class Controller:
             checkpoints_url(target, job.job_id),
         )
         fs, root = open_root(src)
-        if catalog.latest_verified(fs, root, warn=log.warning) is None:
+        found = catalog.latest_verified(fs, root, warn=log.warning)
+        if found is None:
             return  # nothing committed yet: the new attempt starts from step 0, as the old one did
-        copied = copy_checkpoint(src, dst)
+        # The step verified here, not whatever is newest: a newer one that fails its hashes stays behind.
+        copied = copy_checkpoint(src, dst, found[0])
+        if copied.bytes == 0:
+            return  # already there and verified (a controller restarted mid-migration)
         self.state.record_checkpoint(
             job.job_id, copied.step, target.name, dst, copied.bytes, True, now
         )
@@ -218,6 +229,7 @@ class Controller:
             attempt=attempt.attempt,
             world_size=attempt.world_size,
             device_resource=cluster.device_resource,
+            run_dir=attempt_dir(cluster, job.job_id, attempt.attempt),
             overrides=[
                 *job.overrides,
                 f"resources.devices={attempt.world_size}",

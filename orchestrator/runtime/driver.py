@@ -9,6 +9,7 @@ hang in a collective, and the driver exits non-zero.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 
@@ -16,6 +17,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from orchestrator.runtime.drain import request_drain
 from orchestrator.runtime.rank import RankActor
 from orchestrator.runtime.spec import EXIT_DRAINED, EXIT_NO_CAPACITY, AttemptSpec
 
@@ -85,6 +87,8 @@ def run_attempt(spec: AttemptSpec) -> int:
 
 def main() -> None:
     spec = AttemptSpec.from_env()
+    # A partner taking its nodes back sends SIGTERM: pass it on as a drain, then wait for it.
+    signal.signal(signal.SIGTERM, lambda *_: request_drain(spec.run_dir, "SIGTERM to the driver"))
     ray.init(address="auto", log_to_driver=True)
     print(
         f"spillway: job {spec.job_id} attempt {spec.attempt} on {spec.world_size} rank(s)",

@@ -8,6 +8,8 @@ import socket
 
 import ray
 
+from orchestrator.runtime.drain import MarkerDrain
+
 
 @ray.remote(max_restarts=0)
 class RankActor:
@@ -32,4 +34,4 @@ class RankActor:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         cfg = compose_run(overrides)
         recipe = importlib.import_module(cfg.recipe.module)
-        return recipe.train(cfg)
+        return recipe.train(cfg, drain=MarkerDrain(cfg.run_dir))

@@ -21,6 +21,7 @@ class AttemptSpec:
     attempt: int
     world_size: int
     device_resource: str
+    run_dir: str
     # Hydra overrides of the run config, with run_dir and checkpoint.storage already pinned.
     overrides: list[str] = field(default_factory=list)
     reserve_timeout_s: float = 120.0

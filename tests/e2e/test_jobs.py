@@ -200,6 +200,37 @@ def test_a_job_moved_to_another_cluster_takes_its_checkpoint_along(spillway, fle
     assert migrations[0].endswith("verified")
 
 
+def test_migrate_drains_and_continues_elsewhere_with_no_step_redone(spillway, fleet_home):
+    g = launch(spillway, "trainer.max_steps=400", "run_name=G")
+    wait_for(
+        lambda: (a := job(spillway, g)["attempts"]) and a[0]["state"] == "RUNNING", what="G running"
+    )
+    source = job(spillway, g)["attempts"][0]["cluster"]
+    target = "partner" if source == "home" else "home"
+    assert spillway("migrate", g, "--to", "mars").returncode == 2
+    time.sleep(3)  # let it train a few steps first
+    done = spillway("migrate", g, "--to", target)
+    assert done.returncode == 0 and "DRAINING" in done.stdout, done.stderr
+    assert spillway("wait", g, "--timeout", "240", timeout=300).returncode == 0
+    info = job(spillway, g)
+    first, second = info["attempts"]
+    assert (first["cluster"], first["state"]) == (source, "DRAINED")
+    assert (second["cluster"], second["state"]) == (target, "SUCCEEDED")
+    assert second["first_step"] == first["last_step"] + 1, "a drain loses no step"
+    assert second["last_step"] == 400
+    states = [e["to"] for e in info["events"] if e["to"]]
+    assert states == [
+        "PENDING",
+        "STARTING",
+        "RUNNING",
+        "DRAINING",
+        "PENDING",
+        "STARTING",
+        "RUNNING",
+        "SUCCEEDED",
+    ]
+
+
 def test_fleet_down_leaves_no_process(spillway, fleet_home):
     clusters = [cluster(fleet_home, n) for n in ("home", "partner")]
     assert spillway("fleet", "down").returncode == 0
