@@ -143,6 +143,8 @@ class PlacementConfig:
     budget: float | None = None  # most the whole job may cost; null means no limit
     spill_after_s: float = 0.0
     min_lease_left_s: float = 300.0
+    # Drain a job on a lease this long before the lease ends: time for its save and a margin.
+    lease_drain_margin_s: float = 60.0
 
 
 @dataclass

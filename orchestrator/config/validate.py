@@ -104,5 +104,6 @@ def validate(cfg: DictConfig, world_size: int, device_type: str | None = None) -
 
     _at_least("checkpoint.every_steps", c.every_steps, 1)
     _at_least("checkpoint.keep", c.keep, 2)
+    _at_least("placement.lease_drain_margin_s", cfg.placement.lease_drain_margin_s, 0.0)
     _choice("logger.kind", cfg.logger.kind, ("none", "wandb"))
     _choice("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))

@@ -7,6 +7,7 @@ attempt recorded but perhaps never submitted is looked up by its deterministic i
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from pathlib import Path
@@ -77,7 +78,23 @@ class Controller:
                     self._watch(attempt, clusters[attempt.cluster], now)
                 except Exception as exc:  # one unreachable cluster must not stall the others
                     log.warning("job %s attempt %d: %s", attempt.job_id, attempt.attempt, exc)
+            self._watch_leases(clusters, now)
             self._place_pending(clusters, now)
+
+    def _watch_leases(self, clusters: dict[str, ClusterView], now: float) -> None:
+        """Drain every job on a lease early enough that its save ends before the lease does."""
+        for attempt in self.state.active_attempts():
+            cluster = clusters.get(attempt.cluster)
+            if cluster is None or cluster.kind != "leased" or cluster.lease_end is None:
+                continue
+            job = self._job(attempt.job_id)
+            margin = json.loads(job.run_config)["placement"]["lease_drain_margin_s"]
+            left = cluster.lease_end - now
+            if job.state == JobState.RUNNING and left <= margin:
+                cause = (
+                    f"lease on {cluster.name} ends in {max(0.0, left):.0f}s; draining to move on"
+                )
+                self._settle(job.job_id, JobState.DRAINING, cause, now, attempt.attempt)
 
     def _watch(self, attempt: AttemptRecord, cluster: ClusterView, now: float) -> None:
         backend = RayJobsBackend(cluster)
