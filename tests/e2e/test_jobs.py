@@ -135,7 +135,7 @@ def test_bad_launches_submit_nothing(spillway, fleet_home, overrides, words):
 
 
 def test_a_killed_controller_comes_back_and_submits_nothing_twice(spillway, fleet_home):
-    d = launch(spillway, "trainer.max_steps=300", "run_name=D")
+    d = launch(spillway, "trainer.max_steps=200", "run_name=D")
     wait_for(lambda: job(spillway, d)["state"] == "RUNNING", what="D running")
     old_pid, _, _ = controller_beat(fleet_home)
     os.kill(old_pid, signal.SIGKILL)
@@ -201,7 +201,7 @@ def test_a_job_moved_to_another_cluster_takes_its_checkpoint_along(spillway, fle
 
 
 def test_migrate_drains_and_continues_elsewhere_with_no_step_redone(spillway, fleet_home):
-    g = launch(spillway, "trainer.max_steps=400", "run_name=G")
+    g = launch(spillway, "trainer.max_steps=250", "run_name=G")
     wait_for(
         lambda: (a := job(spillway, g)["attempts"]) and a[0]["state"] == "RUNNING", what="G running"
     )
@@ -217,7 +217,7 @@ def test_migrate_drains_and_continues_elsewhere_with_no_step_redone(spillway, fl
     assert (first["cluster"], first["state"]) == (source, "DRAINED")
     assert (second["cluster"], second["state"]) == (target, "SUCCEEDED")
     assert second["first_step"] == first["last_step"] + 1, "a drain loses no step"
-    assert second["last_step"] == 400
+    assert second["last_step"] == 250
     states = [e["to"] for e in info["events"] if e["to"]]
     assert states == [
         "PENDING",

@@ -11,19 +11,19 @@ pytestmark = pytest.mark.slow
 
 
 def test_job_leaves_the_lease_before_it_ends_and_continues_at_home(spillway, fleet_home):
-    up = spillway("fleet", "up", "fleet.clusters.partner.lease_end=+150s")
+    up = spillway("fleet", "up", "fleet.clusters.partner.lease_end=+100s")
     assert up.returncode == 0, up.stderr
-    # Placed on partner only with >= 100 s of lease left; drained at <= 90 s left, when it can
+    # Placed on partner only with >= 60 s of lease left; drained at <= 50 s left, when it can
     # no longer go back there, so it moves home (2 devices instead of 4).
     h = launch(
         spillway,
-        "trainer.max_steps=600",
+        "trainer.max_steps=400",
         "run_name=H",
         "placement.clusters=[partner,home]",
         "resources.devices=4",
         "resources.min_devices=2",
-        "placement.min_lease_left_s=100",
-        "placement.lease_drain_margin_s=90",
+        "placement.min_lease_left_s=60",
+        "placement.lease_drain_margin_s=50",
     )
     waited = spillway("wait", h, "--timeout", "400", timeout=460)
     info = job(spillway, h)
@@ -32,7 +32,7 @@ def test_job_leaves_the_lease_before_it_ends_and_continues_at_home(spillway, fle
     assert (first["cluster"], first["world_size"], first["state"]) == ("partner", 4, "DRAINED")
     assert (second["cluster"], second["world_size"], second["state"]) == ("home", 2, "SUCCEEDED")
     assert second["first_step"] == first["last_step"] + 1, "a planned lease end loses no step"
-    assert second["last_step"] == 600
+    assert second["last_step"] == 400
     causes = [e["cause"] for e in info["events"]]
     assert any(c.startswith("lease on partner ends in") for c in causes), causes
     assert any(

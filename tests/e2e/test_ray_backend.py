@@ -38,6 +38,7 @@ def spec_for(cluster, job_id: str, world_size: int, steps: int = 6) -> AttemptSp
         attempt=1,
         world_size=world_size,
         device_resource=cluster.device_resource,
+        run_dir=f"{root}/attempt-1",
         overrides=[
             "data=synthetic",
             "data.seq_len=32",
