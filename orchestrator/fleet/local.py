@@ -92,9 +92,9 @@ def ray_env(token_path: str, temp_dir: str) -> dict[str, str]:
     return env
 
 
-# Ray puts unix sockets at TEMP/session_<date>_<time>_<us>_<pid>/sockets/plasma_store; a socket
-# path may hold at most 107 bytes, and the part after TEMP takes about 64 of them.
-MAX_TEMP_DIR_LEN = 107 - 64
+# Ray puts unix sockets at TEMP/session_<date>_<time>_<us>_<pid>/sockets/dash_MetricsHead and
+# the like; a socket path may hold at most 107 bytes, and the part after TEMP takes up to ~70.
+MAX_TEMP_DIR_LEN = 107 - 72
 
 
 def start_local_cluster(
