@@ -1,0 +1,119 @@
+"""The rows of the controller's state as frozen values, and how a SQLite row becomes one."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, field
+
+from orchestrator.controller.job_states import AttemptState, JobState
+
+
+class InvalidTransition(Exception):
+    """A job state change that ALLOWED forbids, or whose compare-and-set ``expect`` failed."""
+
+
+class JobNotFound(KeyError):
+    pass
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    name: str
+    run_config: str
+    world_sizes: list[int]
+    overrides: list[str] = field(default_factory=list)
+    device_types: list[str] = field(default_factory=list)
+    clusters: list[str] = field(default_factory=list)
+    priority: int = 0
+    budget: float | None = None
+    # Set by the store: add_job ignores what the caller puts here.
+    state: JobState = JobState.PENDING
+    submitted_at: float = 0.0
+    updated_at: float = 0.0
+    waiting_since: float = 0.0
+    cost_so_far: float = 0.0
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    job_id: str
+    attempt: int
+    cluster: str
+    world_size: int
+    state: AttemptState
+    created_at: float
+    ray_job_id: str | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    first_step: int | None = None
+    last_step: int | None = None
+    resumed_from_step: int | None = None
+    steps_redone: int = 0
+    exit_reason: str | None = None
+    cost: float = 0.0
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    id: int
+    job_id: str
+    at: float
+    kind: str
+    cause: str
+    from_state: JobState | None = None
+    to_state: JobState | None = None
+    attempt: int | None = None
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    job_id: str
+    step: int
+    cluster: str
+    url: str
+    bytes: int
+    verified: bool
+    recorded_at: float
+
+
+def _job(row: sqlite3.Row) -> JobRecord:
+    return JobRecord(
+        job_id=row["job_id"],
+        name=row["name"],
+        run_config=row["run_config"],
+        world_sizes=json.loads(row["world_sizes"]),
+        overrides=json.loads(row["overrides"]),
+        device_types=json.loads(row["device_types"]),
+        clusters=json.loads(row["clusters"]),
+        priority=row["priority"],
+        budget=row["budget"],
+        state=JobState(row["state"]),
+        submitted_at=row["submitted_at"],
+        updated_at=row["updated_at"],
+        waiting_since=row["waiting_since"],
+        cost_so_far=row["cost_so_far"],
+        reason=row["reason"],
+    )
+
+
+def _attempt(row: sqlite3.Row) -> AttemptRecord:
+    values = dict(row)
+    values["state"] = AttemptState(values["state"])
+    return AttemptRecord(**values)
+
+
+def _event(row: sqlite3.Row) -> EventRecord:
+    values = dict(row)
+    for key in ("from_state", "to_state"):
+        if values[key] is not None:
+            values[key] = JobState(values[key])
+    return EventRecord(**values)
+
+
+def _checkpoint(row: sqlite3.Row) -> CheckpointRecord:
+    values = dict(row)
+    values["verified"] = bool(values["verified"])
+    return CheckpointRecord(**values)
