@@ -167,6 +167,7 @@ def copy_checkpoint(
     retries: int = 2,
     chunk_bytes: int = 8 << 20,
     progress: Progress | None = None,
+    limit_bytes_per_s: float | None = None,
 ) -> CopyResult:
     """Copy committed checkpoint ``step`` (default: the source's newest that verifies by size).
 
@@ -184,6 +185,9 @@ def copy_checkpoint(
     ``progress(bytes_done, bytes_total)`` is called after every chunk (``bytes_done`` starts again
     from 0 on a retry) and with ``(total, total)`` when the target already had the step.
 
+    ``limit_bytes_per_s`` caps the copy rate (so a migration does not saturate a shared link):
+    the copy sleeps after a chunk whenever it is ahead of that rate.
+
     Only one copy into a given target step may run at a time: each attempt deletes the target's
     ``step-N.tmp/`` first.
     """
@@ -191,6 +195,11 @@ def copy_checkpoint(
         raise ValueError(f"retries must be >= 0, got {retries}")
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    if limit_bytes_per_s is not None:
+        if limit_bytes_per_s <= 0:
+            raise ValueError(f"limit_bytes_per_s must be > 0, got {limit_bytes_per_s}")
+        # Small enough chunks that the rate holds within a quarter of a second.
+        chunk_bytes = max(1, min(chunk_bytes, int(limit_bytes_per_s / 4)))
     began = time.perf_counter()
     fs_src, src_root = open_root(src_url)
     fs_dst, dst_root = open_root(dst_url)
@@ -221,15 +230,23 @@ def copy_checkpoint(
     tmp = catalog.tmp_dir(dst_root, step)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-sha256") as hasher:
         attempt = 0
+        done = 0
+        attempt_began = 0.0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if limit_bytes_per_s is not None:
+                ahead = attempt_began + done / limit_bytes_per_s - time.perf_counter()
+                if ahead > 0:
+                    time.sleep(ahead)
+            if progress is not None:
+                progress(done, total)
+
         while True:
             attempt += 1
             done = 0
-
-            def advance(n: int) -> None:
-                nonlocal done
-                done += n
-                if progress is not None:
-                    progress(done, total)
+            attempt_began = time.perf_counter()
 
             try:
                 _copy_once(fs_src, src_dir, fs_dst, tmp, doc, chunk_bytes, advance, hasher)

@@ -18,9 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from orchestrator.commands.common import Refused
 from orchestrator.config import ConfigError, compose_run, spillway_home, validate
 from orchestrator.console import duration, table
-from orchestrator.controller.controller import attempt_dir
 from orchestrator.controller.job_states import TERMINAL, JobState
 from orchestrator.controller.jobs import allowed_world_sizes, job_record, job_request
+from orchestrator.controller.paths import attempt_dir
 from orchestrator.controller.requests import cancel_job, migrate_job, resume_job, submit_job
 from orchestrator.controller.state import ControllerState, InvalidTransition, JobRecord
 from orchestrator.fleet import fleet as fleet_mod
@@ -174,11 +174,13 @@ def require_job(job_id: str) -> tuple[ControllerState, JobRecord]:
 
 
 def follow(job_id: str, max_steps: int, timeout_s: float | None) -> int:
-    """A progress bar of steps and loss until the job ends; exit 0 only if it SUCCEEDED."""
+    """A progress bar of steps and loss until the job ends, and one of bytes while its
+    checkpoint is copied to another cluster; exit 0 only if it SUCCEEDED."""
     from tqdm import tqdm
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     bar = tqdm(total=max_steps, desc=job_id, unit="step", dynamic_ncols=True, file=sys.stderr)
+    copy_bar = None
     try:
         while True:
             loaded = _load(job_id)
@@ -193,6 +195,17 @@ def follow(job_id: str, max_steps: int, timeout_s: float | None) -> int:
                         state=job.state.value,
                     )
                     bar.refresh()
+                attempt = state.latest_attempt(job_id)
+                if attempt and attempt.state.value == "PREPARING" and attempt.copy_bytes_total:
+                    if copy_bar is None:
+                        copy_bar = tqdm(
+                            total=attempt.copy_bytes_total, desc=f"checkpoint to {attempt.cluster}",
+                            unit="B", unit_scale=True, dynamic_ncols=True, file=sys.stderr,
+                        )  # fmt: skip
+                    copy_bar.update(attempt.copy_bytes_done - copy_bar.n)
+                elif copy_bar is not None:
+                    copy_bar.close()
+                    copy_bar = None
                 if job.state in TERMINAL:
                     bar.close()
                     print(f"{job_id}: {job.state.value} ({job.reason})", file=sys.stderr)
@@ -203,6 +216,8 @@ def follow(job_id: str, max_steps: int, timeout_s: float | None) -> int:
                 return 124
             time.sleep(1.0)
     finally:
+        if copy_bar is not None:
+            copy_bar.close()
         bar.close()
 
 
@@ -212,14 +227,24 @@ def cmd_wait(args: argparse.Namespace) -> int:
     return follow(args.job, max_steps, args.timeout)
 
 
+def _attempts_json(state: ControllerState, job_id: str) -> list[dict]:
+    """Each attempt's record, plus resume_s: from the previous attempt's drain or fault to this
+    attempt's first step (what moving or recovering cost in wall time)."""
+    out, before = [], None
+    for a in state.attempts(job_id):
+        row = {**{k: getattr(a, k) for k in a.__dataclass_fields__}, "state": a.state.value}
+        since = before and (before.interrupted_at or before.ended_at)
+        row["resume_s"] = a.first_step_at - since if since and a.first_step_at else None
+        out.append(row)
+        before = a
+    return out
+
+
 def _job_json(state: ControllerState, job: JobRecord, detail: bool) -> dict:
     out = {
         "job_id": job.job_id, "name": job.name, "state": job.state.value, "reason": job.reason,
         "submitted_at": job.submitted_at, "updated_at": job.updated_at, "cost": job.cost_so_far,
-        "attempts": [
-            {**{k: getattr(a, k) for k in a.__dataclass_fields__}, "state": a.state.value}
-            for a in state.attempts(job.job_id)
-        ],
+        "restarts": job.restarts, "attempts": _attempts_json(state, job.job_id),
     }  # fmt: skip
     if detail:
         out["events"] = [
@@ -228,6 +253,22 @@ def _job_json(state: ControllerState, job: JobRecord, detail: bool) -> dict:
             for e in state.events(job.job_id)
         ]  # fmt: skip
     return out
+
+
+def _megabytes(n: int | None) -> str | None:
+    return None if not n else f"{n / 1e6:.1f} MB"
+
+
+def _copy_line(a: dict, now: float) -> str | None:
+    """While a checkpoint is copied to a PREPARING attempt's cluster: how far, how fast."""
+    if a["state"] != "PREPARING" or not a["copy_bytes_total"]:
+        return None
+    done, total = a["copy_bytes_done"], a["copy_bytes_total"]
+    rate = done / max(now - a["created_at"], 1e-6) / 1e6
+    return (
+        f"copying the checkpoint to {a['cluster']}: {done / 1e6:.1f}/{total / 1e6:.1f} MB "
+        f"({100 * done / total:.0f}%, {rate:.1f} MB/s)"
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -240,17 +281,25 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(json.dumps(info, indent=1))
             return 0
         print(
-            f"{job.job_id}  {job.name}  {job.state.value}  cost {job.cost_so_far:.4f}  ({job.reason})"
+            f"{job.job_id}  {job.name}  {job.state.value}  cost {job.cost_so_far:.4f}  "
+            f"restarts {job.restarts}  ({job.reason})"
         )
         now = time.time()
         print(table(
-            ("attempt", "cluster", "world", "state", "steps", "started", "ended", "cost"),
+            ("attempt", "cluster", "world", "state", "steps", "redone", "resume", "copied",
+             "started", "ended", "cost"),
             [(a["attempt"], a["cluster"], a["world_size"], a["state"],
               f"{a['first_step']}-{a['last_step']}" if a["first_step"] else None,
+              a["steps_redone"] if a["attempt"] > 1 else None,
+              f"{a['resume_s']:.1f}s" if a["resume_s"] is not None else None,
+              _megabytes(a["copy_bytes_done"] if a["copy_s"] is not None else None),
               duration(now - a["started_at"]) + " ago" if a["started_at"] else None,
               duration(now - a["ended_at"]) + " ago" if a["ended_at"] else None, f"{a['cost']:.4f}")
              for a in info["attempts"]],
         ))  # fmt: skip
+        for a in info["attempts"]:
+            if line := _copy_line(a, now):
+                print(line)
         print(table(
             ("when", "event", "cause"),
             [(time.strftime("%H:%M:%S", time.localtime(e["at"])),
@@ -335,6 +384,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     print(
         f"{args.job}: {job.state.value} (drains at its next step boundary, then moves to {args.to})"
     )
+    if args.wait:
+        max_steps = json.loads(job.run_config)["trainer"]["max_steps"]
+        return follow(args.job, max_steps, None)
     return 0
 
 
@@ -384,4 +436,7 @@ def add_parsers(sub) -> None:
     migrate = sub.add_parser("migrate", help="drain a running job and move it, with its checkpoint")
     migrate.add_argument("job")
     migrate.add_argument("--to", required=True, metavar="CLUSTER")
+    migrate.add_argument(
+        "--wait", action="store_true", help="follow the drain, the copy and the job to its end"
+    )
     migrate.set_defaults(func=cmd_migrate)

@@ -131,6 +131,8 @@ class FleetConfig:
     name: str = "local"
     # In order of preference: home first.
     clusters: dict[str, ClusterConfig] = field(default_factory=dict)
+    # A cluster whose dashboard has not answered for this long is lost: its jobs recover elsewhere.
+    lost_after_s: float = 10.0
 
 
 @dataclass
@@ -145,6 +147,19 @@ class PlacementConfig:
     min_lease_left_s: float = 300.0
     # Drain a job on a lease this long before the lease ends: time for its save and a margin.
     lease_drain_margin_s: float = 60.0
+    # A drained job that has not acknowledged by then is stopped and resumes from its last
+    # committed checkpoint, as after a fault.
+    drain_timeout_s: float = 300.0
+    # After a fault: "restart" on the same cluster, or "failover" to the next in fleet order.
+    recovery: str = "failover"
+    max_restarts: int = 3  # recoveries after faults; one more fault fails the job
+    # Exit codes that mean the job itself is wrong (1: an exception in the recipe, 2: a bad
+    # config): it fails at once, since another attempt would fail the same way.
+    user_error_exit_codes: list[int] = field(default_factory=lambda: [1, 2])
+    # Move a job running on a lease to an owned cluster as soon as one has room.
+    return_home: bool = False
+    # Cap on the checkpoint copy rate when the job migrates, in MB/s; null means no cap.
+    copy_limit_mb_s: float | None = None
 
 
 @dataclass

@@ -7,9 +7,11 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from orchestrator.config.errors import ConfigError
+from orchestrator.exit_codes import RESERVED as RESERVED_EXIT_CODES
 
 # Models too large to train on a CPU in any useful time; refused there rather than left to OOM.
 GPU_ONLY_MODELS = {"1b", "8b"}
+RECOVERY_STRATEGIES = ("restart", "failover")
 
 
 def pick_device_type(requested: str) -> str:
@@ -104,6 +106,24 @@ def validate(cfg: DictConfig, world_size: int, device_type: str | None = None) -
 
     _at_least("checkpoint.every_steps", c.every_steps, 1)
     _at_least("checkpoint.keep", c.keep, 2)
-    _at_least("placement.lease_drain_margin_s", cfg.placement.lease_drain_margin_s, 0.0)
+    pl = cfg.placement
+    _at_least("placement.lease_drain_margin_s", pl.lease_drain_margin_s, 0.0)
+    if pl.drain_timeout_s <= 0:
+        raise ConfigError("placement.drain_timeout_s", f"must be > 0, got {pl.drain_timeout_s}")
+    _choice("placement.recovery", pl.recovery, RECOVERY_STRATEGIES)
+    _at_least("placement.max_restarts", pl.max_restarts, 0)
+    for code in pl.user_error_exit_codes:
+        if not 1 <= code <= 255 or code in RESERVED_EXIT_CODES:
+            reserved = ", ".join(f"{c} ({why})" for c, why in RESERVED_EXIT_CODES.items())
+            raise ConfigError(
+                "placement.user_error_exit_codes",
+                f"{code} is not allowed: codes are 1..255 except {reserved}",
+            )
+    if pl.copy_limit_mb_s is not None and pl.copy_limit_mb_s <= 0:
+        raise ConfigError(
+            "placement.copy_limit_mb_s", f"must be > 0 or null, got {pl.copy_limit_mb_s}"
+        )
+    if cfg.fleet.lost_after_s <= 0:
+        raise ConfigError("fleet.lost_after_s", f"must be > 0, got {cfg.fleet.lost_after_s}")
     _choice("logger.kind", cfg.logger.kind, ("none", "wandb"))
     _choice("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))

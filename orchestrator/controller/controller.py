@@ -1,8 +1,11 @@
-"""The reconcile loop: watch every attempt, place pending jobs, submit; nothing twice.
+"""The reconcile loop: watch every attempt, recover from faults, place pending jobs, bring their
+checkpoints along, submit; nothing twice.
 
 All durable facts live in ControllerState, so a controller that dies and comes back reloads
-them and carries on: attempts still running are polled by their Ray submission id, and an
-attempt recorded but perhaps never submitted is looked up by its deterministic id first.
+them and carries on: attempts still running are polled by their Ray submission id, an attempt
+recorded but perhaps never submitted is looked up by its deterministic id first, and a
+checkpoint copy that was under way is started again (a copy commits on its target only once,
+verified, so a repeat copies nothing into use twice).
 """
 
 from __future__ import annotations
@@ -10,16 +13,17 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from orchestrator.backends.ray_jobs import RayJobsBackend, submission_id
-from orchestrator.checkpoint import catalog
-from orchestrator.checkpoint.storage import open_root
-from orchestrator.checkpoint.transfer import copy_checkpoint
+from orchestrator.controller import migration
 from orchestrator.controller.job_states import AttemptState, JobState
 from orchestrator.controller.jobs import job_request
+from orchestrator.controller.paths import attempt_dir, checkpoints_url
+from orchestrator.controller.recovery import Outcome, classify, exit_code_of, recover
 from orchestrator.controller.requests import ACTIVE
 from orchestrator.controller.state import (
     AttemptRecord,
@@ -29,26 +33,23 @@ from orchestrator.controller.state import (
 )
 from orchestrator.fleet import fleet as fleet_mod
 from orchestrator.fleet.fleet import ClusterView
-from orchestrator.fleet.probe import probe
-from orchestrator.runtime.drain import MARKER as DRAIN_MARKER
+from orchestrator.fleet.probe import ClusterHealth, probe
 from orchestrator.runtime.drain import request_drain
-from orchestrator.runtime.spec import EXIT_DRAINED, EXIT_NO_CAPACITY, AttemptSpec
-from orchestrator.scheduling import ClusterSnapshot, Placement, place
+from orchestrator.runtime.spec import AttemptSpec
+from orchestrator.scheduling import ClusterSnapshot, JobRequest, Placement, place
 from orchestrator.tracking.metrics import read_metrics
+from recipes.common.drain import ACK_FILE
 
 log = logging.getLogger("spillway.controller")
 
+__all__ = ["Controller", "attempt_dir", "checkpoints_url"]
 
-def job_root(cluster: ClusterView, job_id: str) -> str:
-    return f"{cluster.storage_root.rstrip('/')}/jobs/{job_id}"
-
-
-def attempt_dir(cluster: ClusterView, job_id: str, attempt: int) -> str:
-    return f"{job_root(cluster, job_id)}/attempt-{attempt}"
+# Seconds between progress writes of a checkpoint copy: enough for a live bar, few writes.
+COPY_PROGRESS_EVERY_S = 0.5
 
 
-def checkpoints_url(cluster: ClusterView, job_id: str) -> str:
-    return f"{job_root(cluster, job_id)}/checkpoints"
+def _placement(job: JobRecord) -> dict:
+    return json.loads(job.run_config)["placement"]
 
 
 class Controller:
@@ -58,6 +59,9 @@ class Controller:
         self.state = ControllerState.open(Path(state_dir) / "controller.db")
         # Requests from the CLI and the loop never interleave inside one decision.
         self.lock = threading.RLock()
+        self._copies: dict[tuple[str, int], threading.Thread] = {}
+        self._unreachable_since: dict[str, float] = {}
+        self._health: dict[str, ClusterHealth] = {}  # this tick's probes
 
     def clusters(self) -> dict[str, ClusterView]:
         return {v.name: v for v in fleet_mod.resolve(self.fleet_cfg, self.state_dir)}
@@ -68,17 +72,26 @@ class Controller:
             raise KeyError(f"no job {job_id}")
         return job
 
+    def _probe(self, cluster: ClusterView) -> ClusterHealth:
+        if cluster.name not in self._health:
+            self._health[cluster.name] = probe(cluster)
+        return self._health[cluster.name]
+
     # ---- the loop -----------------------------------------------------------------------
 
     def reconcile(self, now: float) -> None:
         with self.lock:
+            self._health = {}
             clusters = self.clusters()
             for attempt in self.state.active_attempts():
                 try:
                     self._watch(attempt, clusters[attempt.cluster], now)
-                except Exception as exc:  # one unreachable cluster must not stall the others
+                except Exception as exc:  # one misbehaving cluster must not stall the others
                     log.warning("job %s attempt %d: %s", attempt.job_id, attempt.attempt, exc)
+            for attempt in self.state.preparing_attempts():
+                self._advance_copy(attempt, clusters, now)
             self._watch_leases(clusters, now)
+            self._return_home(clusters, now)
             self._place_pending(clusters, now)
 
     def _watch_leases(self, clusters: dict[str, ClusterView], now: float) -> None:
@@ -88,85 +101,204 @@ class Controller:
             if cluster is None or cluster.kind != "leased" or cluster.lease_end is None:
                 continue
             job = self._job(attempt.job_id)
-            margin = json.loads(job.run_config)["placement"]["lease_drain_margin_s"]
             left = cluster.lease_end - now
-            if job.state == JobState.RUNNING and left <= margin:
+            if job.state == JobState.RUNNING and left <= _placement(job)["lease_drain_margin_s"]:
                 cause = (
                     f"lease on {cluster.name} ends in {max(0.0, left):.0f}s; draining to move on"
                 )
                 self._settle(job.job_id, JobState.DRAINING, cause, now, attempt.attempt)
 
+    def _return_home(self, clusters: dict[str, ClusterView], now: float) -> None:
+        """placement.return_home: a job on a lease moves to an owned cluster that has room."""
+        if self.state.list_jobs({JobState.PENDING, JobState.MIGRATING}):
+            return  # queued jobs get owned room first; no move while a placement is in flight
+        for attempt in self.state.active_attempts():
+            job = self._job(attempt.job_id)
+            cluster = clusters.get(attempt.cluster)
+            if (
+                cluster is None
+                or cluster.kind != "leased"
+                or job.state != JobState.RUNNING
+                or attempt.state != AttemptState.RUNNING
+                or not _placement(job)["return_home"]
+            ):
+                continue
+            accepted = job.clusters or list(clusters)
+            owned = [c for c in accepted if c in clusters and clusters[c].kind == "owned"]
+            if not owned:
+                continue
+            request = job_request(job)
+            request = JobRequest(**{**request.__dict__, "clusters": tuple(owned)})
+            decision = place([request], [self._snapshot(clusters[c]) for c in owned], now)[0]
+            if isinstance(decision, Placement):
+                home = decision.cluster
+                # Owned first, then where it runs now, should someone else take that room first.
+                self.state.set_next_clusters(
+                    job.job_id, [home, *[c for c in accepted if c != home]]
+                )
+                cause = f"room on {home} (owned): leaving the lease on {cluster.name}"
+                self._settle(job.job_id, JobState.DRAINING, cause, now, attempt.attempt)
+                return  # one move per tick: the next decision must see this one's effect
+
     def _watch(self, attempt: AttemptRecord, cluster: ClusterView, now: float) -> None:
-        backend = RayJobsBackend(cluster)
-        job_id = attempt.job_id
-        ray_job_id = attempt.ray_job_id
-        if self._job(job_id).state == JobState.CANCELLED:
-            # The user's cancel is recorded; make the cluster match it.
-            if ray_job_id and not backend.status(ray_job_id).is_terminal():
-                backend.stop(ray_job_id)
-            steps = [r["step"] for r in self._metrics(cluster, job_id, attempt.attempt)]
-            self.state.update_attempt(
-                job_id,
-                attempt.attempt,
-                state=AttemptState.STOPPED,
-                ended_at=now,
-                exit_reason="cancelled by the user",
-                **({"first_step": steps[0], "last_step": steps[-1]} if steps else {}),
-            )
+        job = self._job(attempt.job_id)
+        health = self._probe(cluster)
+        if job.state == JobState.CANCELLED:
+            self._stop_cancelled(job, attempt, cluster, health, now)
             return
+        if not health.reachable:
+            since = self._unreachable_since.setdefault(cluster.name, now)
+            if now - since >= float(self.fleet_cfg.get("lost_after_s", 10.0)):
+                what = f"{cluster.name} unreachable for {now - since:.0f}s ({health.error})"
+                self._lose(job, attempt, cluster, what, now, cluster_lost=True)
+            return
+        self._unreachable_since.pop(cluster.name, None)
+        backend = RayJobsBackend(cluster)
+        if cluster.kind == "leased" and cluster.lease_end is not None and now >= cluster.lease_end:
+            if attempt.ray_job_id:
+                backend.stop(attempt.ray_job_id)  # the partner would kill it; do it in order
+            what = f"the lease on {cluster.name} ended while attempt {attempt.attempt} ran"
+            self._lose(job, attempt, cluster, what, now, cluster_lost=True)
+            return
+        ray_job_id = attempt.ray_job_id
         if ray_job_id is None:
             # The controller died between recording this attempt and hearing back from submit.
-            ray_job_id = submission_id(job_id, attempt.attempt)
+            ray_job_id = submission_id(job.job_id, attempt.attempt)
             if not backend.exists(ray_job_id):
-                backend.submit(self._spec(self._job(job_id), cluster, attempt))
-            self.state.update_attempt(job_id, attempt.attempt, ray_job_id=ray_job_id)
+                backend.submit(self._spec(job, cluster, attempt))
+            self.state.update_attempt(job.job_id, attempt.attempt, ray_job_id=ray_job_id)
         status = str(backend.status(ray_job_id))
-        job = self._job(job_id)
         if job.state == JobState.DRAINING and status in ("PENDING", "RUNNING"):
-            run_dir = attempt_dir(cluster, job_id, attempt.attempt)
-            fs, path = open_root(run_dir)
-            if not fs.exists(f"{path}/{DRAIN_MARKER}"):
-                request_drain(run_dir, job.reason or "drain requested")
+            timeout = _placement(job)["drain_timeout_s"]
+            if attempt.interrupted_at is None:
+                request_drain(attempt_dir(cluster, job.job_id, attempt.attempt), job.reason or "")
+                self.state.update_attempt(job.job_id, attempt.attempt, interrupted_at=now)
+            elif now - attempt.interrupted_at > timeout:
+                backend.stop(ray_job_id)
+                what = (
+                    f"attempt {attempt.attempt} did not acknowledge its drain within {timeout:.0f}s"
+                )
+                self._lose(job, attempt, cluster, what, now, cluster_lost=False)
+                return
         if status == "RUNNING" and attempt.state == AttemptState.SUBMITTED:
             self.state.update_attempt(
-                job_id, attempt.attempt, state=AttemptState.RUNNING, started_at=now
+                job.job_id, attempt.attempt, state=AttemptState.RUNNING, started_at=now
             )
             self._settle(
-                job_id, JobState.RUNNING, f"running on {cluster.name}", now, attempt.attempt
+                job.job_id, JobState.RUNNING, f"running on {cluster.name}", now, attempt.attempt
             )
+        if status == "RUNNING" and attempt.first_step_at is None:
+            steps = self._steps(cluster, job.job_id, attempt)
+            if steps:
+                self.state.update_attempt(job.job_id, attempt.attempt, **steps)
         elif status in ("SUCCEEDED", "FAILED", "STOPPED"):
             self._finish(job, attempt, cluster, backend, ray_job_id, status, now)
 
+    def _stop_cancelled(self, job, attempt, cluster, health, now) -> None:
+        """The user's cancel is recorded; make the cluster match it."""
+        if health.reachable and attempt.ray_job_id:
+            backend = RayJobsBackend(cluster)
+            if not backend.status(attempt.ray_job_id).is_terminal():
+                backend.stop(attempt.ray_job_id)
+        self.state.update_attempt(
+            job.job_id,
+            attempt.attempt,
+            state=AttemptState.STOPPED,
+            ended_at=now,
+            exit_reason="cancelled by the user",
+            **self._steps(cluster, job.job_id, attempt),
+        )
+
     def _finish(self, job, attempt, cluster, backend, ray_job_id, status, now) -> None:
-        steps = [r["step"] for r in self._metrics(cluster, job.job_id, attempt.attempt)]
         info = backend.client.get_job_info(ray_job_id)
-        hours = (now - (attempt.started_at or attempt.created_at)) / 3600
-        cost = hours * attempt.world_size * cluster.cost_per_device_hour
-        fields = dict(ended_at=now, cost=cost, exit_reason=info.message)
-        if steps:
-            fields.update(first_step=steps[0], last_step=steps[-1])
-        self.state.add_cost(job.job_id, cost)
-        if status == "SUCCEEDED":
+        code = exit_code_of(getattr(info, "driver_exit_code", None), info.message)
+        outcome = classify(status, code, list(_placement(job)["user_error_exit_codes"]))
+        fields = self._ended(job, attempt, cluster, now)
+        fields["exit_reason"] = info.message
+        at = f" after step {fields['last_step']}" if fields.get("last_step") else ""
+        where = f"attempt {attempt.attempt} on {cluster.name}"
+        if outcome == Outcome.SUCCEEDED:
             self.state.update_attempt(
                 job.job_id, attempt.attempt, state=AttemptState.SUCCEEDED, **fields
             )
-            self._settle(
-                job.job_id, JobState.SUCCEEDED, f"finished on {cluster.name}", now, attempt.attempt
+            cause = f"finished on {cluster.name}"
+            self._settle(job.job_id, JobState.SUCCEEDED, cause, now, attempt.attempt)
+        elif outcome == Outcome.DRAINED:
+            why = ""
+            if job.state != JobState.DRAINING:
+                # Not our request: a SIGTERM from outside, the partner taking its nodes back.
+                # Move on, to this cluster only if nothing else has room.
+                ack = self._ack(cluster, job.job_id, attempt.attempt)
+                why = f" ({ack.get('reason', 'SIGTERM')})"
+                fields["interrupted_at"] = attempt.interrupted_at or ack.get("at", now)
+                order = job.clusters or list(self.clusters())
+                moved = [c for c in order if c != cluster.name] + [cluster.name]
+                self.state.set_next_clusters(job.job_id, moved)
+            self.state.update_attempt(
+                job.job_id, attempt.attempt, state=AttemptState.DRAINED, **fields
             )
-            return
-        ended = AttemptState.STOPPED if status == "STOPPED" else AttemptState.FAILED
-        self.state.update_attempt(job.job_id, attempt.attempt, state=ended, **fields)
-        if f"exit code {EXIT_DRAINED}" in (info.message or ""):
-            self.state.update_attempt(job.job_id, attempt.attempt, state=AttemptState.DRAINED)
-            at = f" after step {steps[-1]}" if steps else ""
-            cause = f"drained on {cluster.name}{at}; back to the queue with its checkpoint"
+            cause = f"drained on {cluster.name}{at}{why}; back to the queue with its checkpoint"
             self._settle(job.job_id, JobState.PENDING, cause, now, attempt.attempt)
-        elif f"exit code {EXIT_NO_CAPACITY}" in (info.message or ""):
+        elif outcome == Outcome.NO_CAPACITY:
+            self.state.update_attempt(
+                job.job_id, attempt.attempt, state=AttemptState.FAILED, **fields
+            )
             cause = f"{cluster.name} could not reserve {attempt.world_size} device(s); back to the queue"
             self._settle(job.job_id, JobState.PENDING, cause, now, attempt.attempt)
-        else:
-            cause = f"attempt {attempt.attempt} on {cluster.name} {status.lower()}: {info.message}"
+        elif outcome == Outcome.USER_ERROR:
+            self.state.update_attempt(
+                job.job_id, attempt.attempt, state=AttemptState.FAILED, **fields
+            )
+            cause = (
+                f"{where} failed with exit code {code}, a user error "
+                f"(placement.user_error_exit_codes): {info.message}"
+            )
             self._settle(job.job_id, JobState.FAILED, cause, now, attempt.attempt)
+        else:
+            fields.setdefault("interrupted_at", attempt.interrupted_at or now)
+            ended = AttemptState.STOPPED if status == "STOPPED" else AttemptState.FAILED
+            self.state.update_attempt(job.job_id, attempt.attempt, state=ended, **fields)
+            what = f"{where} {status.lower()}{at} (exit code {code})"
+            self._recover(job, attempt, cluster, what, now, cluster_lost=False)
+
+    def _lose(self, job, attempt, cluster, what: str, now: float, cluster_lost: bool) -> None:
+        """End an attempt we could not hear end (cluster gone, lease over, drain ignored)."""
+        fields = self._ended(job, attempt, cluster, now)
+        self.state.update_attempt(
+            job.job_id,
+            attempt.attempt,
+            state=AttemptState.LOST,
+            exit_reason=what,
+            interrupted_at=attempt.interrupted_at or now,
+            **fields,
+        )
+        self._recover(job, attempt, cluster, what, now, cluster_lost)
+
+    def _recover(self, job, attempt, cluster, what: str, now: float, cluster_lost: bool) -> None:
+        placement = _placement(job)
+        restarts = self.state.count_restart(job.job_id)
+        order = job.clusters or list(self.clusters())
+        plan = recover(
+            placement["recovery"],
+            cluster.name,
+            order,
+            cluster_lost,
+            restarts,
+            placement["max_restarts"],
+            what,
+        )
+        if plan.give_up:
+            self._settle(job.job_id, JobState.FAILED, plan.cause, now, attempt.attempt)
+            return
+        self.state.set_next_clusters(job.job_id, plan.next_clusters)
+        self._settle(job.job_id, JobState.PENDING, plan.cause, now, attempt.attempt)
+
+    def _ended(self, job, attempt, cluster, now: float) -> dict:
+        """Steps reached and cost of an attempt that has just ended; the job's cost grows too."""
+        hours = (now - (attempt.started_at or attempt.submitted_at or attempt.created_at)) / 3600
+        cost = hours * attempt.world_size * cluster.cost_per_device_hour
+        self.state.add_cost(job.job_id, cost)
+        return dict(ended_at=now, cost=cost, **self._steps(cluster, job.job_id, attempt))
 
     def _settle(self, job_id: str, to: JobState, cause: str, now: float, attempt: int) -> None:
         """Move a live job to `to`; a job the user cancelled meanwhile keeps its CANCELLED."""
@@ -175,9 +307,36 @@ class Controller:
         except InvalidTransition:
             log.info("job %s stays %s: %s", job_id, self._job(job_id).state.value, cause)
 
-    def _metrics(self, cluster: ClusterView, job_id: str, attempt: int) -> list[dict]:
-        path = Path(attempt_dir(cluster, job_id, attempt)) / "metrics.jsonl"
-        return read_metrics(path) if path.exists() else []
+    def _steps(self, cluster: ClusterView, job_id: str, attempt: AttemptRecord) -> dict:
+        """First and last step of an attempt from its metrics, and the steps it redid."""
+        path = Path(attempt_dir(cluster, job_id, attempt.attempt)) / "metrics.jsonl"
+        try:
+            lines = read_metrics(path) if path.exists() else []
+        except OSError:
+            lines = []
+        if not lines:
+            return {}
+        first = lines[0]["step"]
+        fields = dict(first_step=first, last_step=lines[-1]["step"])
+        if "time" in lines[0]:
+            fields["first_step_at"] = lines[0]["time"]
+        before = [
+            a.last_step
+            for a in self.state.attempts(job_id)
+            if a.attempt < attempt.attempt and a.last_step is not None
+        ]
+        if before:
+            fields["steps_redone"] = max(0, max(before) - first + 1)
+        return fields
+
+    def _ack(self, cluster: ClusterView, job_id: str, attempt: int) -> dict:
+        path = Path(attempt_dir(cluster, job_id, attempt)) / ACK_FILE
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return {}
+
+    # ---- placement ----------------------------------------------------------------------
 
     def _place_pending(self, clusters: dict[str, ClusterView], now: float) -> None:
         pending = self.state.list_jobs({JobState.PENDING})
@@ -185,18 +344,26 @@ class Controller:
             return
         snapshots = [self._snapshot(c) for c in clusters.values()]
         for decision in place([job_request(j) for j in pending], snapshots, now):
-            if isinstance(decision, Placement):
-                job = self._job(decision.job_id)
-                try:
-                    self._bring_checkpoint(job, clusters[decision.cluster], clusters, now)
-                except Exception as exc:  # never start without the checkpoint it should resume
-                    self.state.set_reason(
-                        job.job_id, f"checkpoint copy to {decision.cluster} failed: {exc}", now
-                    )
-                    continue
-                self._start(job, clusters[decision.cluster], decision.world_size, now)
-            else:
+            if not isinstance(decision, Placement):
                 self.state.set_reason(decision.job_id, decision.reason, now)
+                continue
+            job = self._job(decision.job_id)
+            target = clusters[decision.cluster]
+            sources = self._sources(job, target, clusters)
+            if sources and sources[0].cluster != target.name:
+                self._prepare(job, target, decision.world_size, sources[0], now)
+            else:
+                resumed = sources[0].step if sources else None
+                self._start(job, target, decision.world_size, now, resumed)
+
+    def _sources(
+        self, job: JobRecord, target: ClusterView, clusters: dict[str, ClusterView]
+    ) -> list[migration.Source]:
+        """The job's committed checkpoints on every cluster it ran on (and the target)."""
+        visited = [a.cluster for a in reversed(self.state.attempts(job.job_id))]
+        names = list(dict.fromkeys([*visited, target.name]))
+        views = [clusters[n] for n in names if n in clusters]
+        return migration.checkpoint_sources(job.job_id, views, target.name, log.warning)
 
     def _snapshot(self, cluster: ClusterView) -> ClusterSnapshot:
         used = self.state.devices_in_use(cluster.name)
@@ -209,56 +376,162 @@ class Controller:
             cost_per_device_hour=cluster.cost_per_device_hour,
             lease_start=cluster.lease_start,
             lease_end=cluster.lease_end,
-            reachable=cluster.running and probe(cluster).reachable,
+            reachable=cluster.running and self._probe(cluster).reachable,
         )
 
-    def _bring_checkpoint(
-        self, job: JobRecord, target: ClusterView, clusters: dict[str, ClusterView], now: float
-    ) -> None:
-        """A job moving to another cluster takes its latest committed checkpoint along, verified."""
-        last = self.state.latest_attempt(job.job_id)
-        if last is None or last.cluster == target.name:
-            return
-        src, dst = (
-            checkpoints_url(clusters[last.cluster], job.job_id),
-            checkpoints_url(target, job.job_id),
-        )
-        fs, root = open_root(src)
-        found = catalog.latest_verified(fs, root, warn=log.warning)
-        if found is None:
-            return  # nothing committed yet: the new attempt starts from step 0, as the old one did
-        # The step verified here, not whatever is newest: a newer one that fails its hashes stays behind.
-        copied = copy_checkpoint(src, dst, found[0])
-        if copied.bytes == 0:
-            return  # already there and verified (a controller restarted mid-migration)
-        self.state.record_checkpoint(
-            job.job_id, copied.step, target.name, dst, copied.bytes, True, now
+    # ---- migration: the checkpoint goes first, then the attempt -------------------------
+
+    def _prepare(self, job, target, world_size: int, newest: migration.Source, now) -> None:
+        """Hold the target's devices with a PREPARING attempt while the checkpoint is copied."""
+        attempt = self.state.add_attempt(
+            job.job_id, target.name, world_size, now, state=AttemptState.PREPARING
         )
         cause = (
-            f"copied checkpoint step {copied.step} from {last.cluster} to {target.name}: "
-            f"{copied.bytes} bytes in {copied.seconds:.2f}s ({copied.bytes_per_s / 1e6:.1f} MB/s), verified"
+            f"placed on {target.name} ({target.kind}) with {world_size} device(s); "
+            f"copying checkpoint step {newest.step} from {newest.cluster} first"
         )
-        self.state.add_event(job.job_id, "migrate", cause, now)
+        self.state.transition(job.job_id, JobState.MIGRATING, cause, now, attempt.attempt)
+        self._start_copy(attempt)
+
+    def _advance_copy(
+        self, attempt: AttemptRecord, clusters: dict[str, ClusterView], now: float
+    ) -> None:
+        key = (attempt.job_id, attempt.attempt)
+        job = self._job(attempt.job_id)
+        copying = self._copies.get(key)
+        if job.state == JobState.CANCELLED:
+            self.state.update_attempt(
+                job.job_id,
+                attempt.attempt,
+                state=AttemptState.STOPPED,
+                ended_at=now,
+                exit_reason="cancelled by the user while its checkpoint was copied",
+            )
+            return
+        if copying is not None and copying.is_alive():
+            return
+        if attempt.copy_s is not None:  # verified and committed on the target
+            self._copies.pop(key, None)
+            self._submit(job, clusters[attempt.cluster], attempt, now)
+            return
+        # A copy that never ran here: this controller restarted mid-migration.
+        self.state.add_event(
+            job.job_id,
+            "migrate",
+            f"resuming the checkpoint copy to {attempt.cluster}",
+            now,
+            attempt.attempt,
+        )
+        self._start_copy(attempt)
+
+    def _start_copy(self, attempt: AttemptRecord) -> None:
+        thread = threading.Thread(
+            target=self._copy,
+            args=(attempt.job_id, attempt.attempt),
+            name=f"copy-{attempt.job_id}-a{attempt.attempt}",
+            daemon=True,
+        )
+        self._copies[(attempt.job_id, attempt.attempt)] = thread
+        thread.start()
+
+    def _copy(self, job_id: str, number: int) -> None:
+        """On its own thread, so a long copy never stalls the loop; the loop submits after."""
+        job = self._job(job_id)
+        attempt = next(a for a in self.state.attempts(job_id) if a.attempt == number)
+        clusters = self.clusters()
+        target = clusters[attempt.cluster]
+        last_write = 0.0
+
+        def progress(done: int, total: int) -> None:
+            nonlocal last_write
+            if time.monotonic() - last_write >= COPY_PROGRESS_EVERY_S or done == total:
+                last_write = time.monotonic()
+                self.state.update_attempt(
+                    job_id, number, copy_bytes_done=done, copy_bytes_total=total
+                )
+
+        def event(cause: str) -> None:
+            self.state.add_event(job_id, "migrate", cause, time.time(), number)
+
+        limit = _placement(job)["copy_limit_mb_s"]
+        try:
+            brought = migration.bring(
+                self._sources(job, target, clusters),
+                target,
+                job_id,
+                event,
+                progress,
+                limit * 1e6 if limit else None,
+            )
+        except Exception as exc:  # the copy failed after its retries: a fault like any other
+            with self.lock:
+                now = time.time()
+                what = f"checkpoint copy to {target.name} failed: {exc}"
+                self.state.update_attempt(
+                    job_id, number, state=AttemptState.FAILED, ended_at=now, exit_reason=what
+                )
+                self._recover(self._job(job_id), attempt, target, what, now, cluster_lost=False)
+            return
+        now = time.time()
+        src = brought.source
+        if src is None:
+            event(f"no checkpoint verifies anywhere; attempt {number} starts from step 0")
+        elif src.cluster == target.name:
+            event(f"checkpoint step {src.step} is already on {target.name}, verified")
+        else:
+            url = checkpoints_url(target, job_id)
+            self.state.record_checkpoint(
+                job_id, src.step, target.name, url, brought.bytes, True, now
+            )
+            rate = brought.bytes / brought.seconds / 1e6 if brought.seconds > 0 else 0.0
+            event(
+                f"copied checkpoint step {src.step} from {src.cluster} to {target.name}: "
+                f"{brought.bytes} bytes in {brought.seconds:.2f}s ({rate:.1f} MB/s), verified"
+            )
+        self.state.update_attempt(
+            job_id,
+            number,
+            copy_step=src.step if src else None,
+            resumed_from_step=src.step if src else None,
+            copy_bytes_done=brought.bytes,
+            copy_bytes_total=brought.bytes,
+            copy_s=brought.seconds,
+        )
+
+    # ---- submitting ---------------------------------------------------------------------
 
     def _spec(self, job: JobRecord, cluster: ClusterView, attempt: AttemptRecord) -> AttemptSpec:
+        run_dir = attempt_dir(cluster, job.job_id, attempt.attempt)
         return AttemptSpec(
             job_id=job.job_id,
             attempt=attempt.attempt,
             world_size=attempt.world_size,
             device_resource=cluster.device_resource,
-            run_dir=attempt_dir(cluster, job.job_id, attempt.attempt),
+            run_dir=run_dir,
             overrides=[
                 *job.overrides,
                 f"resources.devices={attempt.world_size}",
-                f"run_dir={attempt_dir(cluster, job.job_id, attempt.attempt)}",
+                f"run_dir={run_dir}",
                 f"checkpoint.storage={checkpoints_url(cluster, job.job_id)}",
             ],
         )
 
-    def _start(self, job: JobRecord, cluster: ClusterView, world_size: int, now: float) -> None:
-        attempt = self.state.add_attempt(job.job_id, cluster.name, world_size, now)
+    def _start(
+        self, job: JobRecord, cluster: ClusterView, world_size: int, now: float, resumed
+    ) -> None:
+        attempt = self.state.add_attempt(job.job_id, cluster.name, world_size, now, resumed)
         cause = f"placed on {cluster.name} ({cluster.kind}) with {world_size} device(s)"
         self.state.transition(job.job_id, JobState.STARTING, cause, now, attempt.attempt)
+        self._hand_over(job, cluster, attempt, now)
+
+    def _submit(self, job: JobRecord, cluster: ClusterView, attempt: AttemptRecord, now) -> None:
+        """A PREPARING attempt whose checkpoint is in place goes to its cluster."""
+        self.state.update_attempt(job.job_id, attempt.attempt, state=AttemptState.SUBMITTED)
+        cause = f"checkpoint in place on {cluster.name}; starting attempt {attempt.attempt}"
+        self._settle(job.job_id, JobState.STARTING, cause, now, attempt.attempt)
+        self._hand_over(job, cluster, attempt, now)
+
+    def _hand_over(self, job, cluster, attempt, now) -> None:
         try:
             ray_job_id = RayJobsBackend(cluster).submit(self._spec(job, cluster, attempt))
         except Exception as exc:
@@ -269,11 +542,12 @@ class Controller:
                 ended_at=now,
                 exit_reason=str(exc),
             )
-            self.state.transition(
-                job.job_id, JobState.PENDING, f"submit to {cluster.name} failed: {exc}", now
-            )
+            cause = f"submit to {cluster.name} failed: {exc}"
+            self._settle(job.job_id, JobState.PENDING, cause, now, attempt.attempt)
             return
-        self.state.update_attempt(job.job_id, attempt.attempt, ray_job_id=ray_job_id)
+        self.state.update_attempt(
+            job.job_id, attempt.attempt, ray_job_id=ray_job_id, submitted_at=now
+        )
         self.state.add_event(
             job.job_id, "submit", f"submitted {ray_job_id} to {cluster.name}", now, attempt.attempt
         )

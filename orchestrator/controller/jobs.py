@@ -37,7 +37,8 @@ def job_request(job: JobRecord) -> JobRequest:
         job_id=job.job_id,
         world_sizes=tuple(job.world_sizes),
         device_types=tuple(job.device_types),
-        clusters=tuple(job.clusters),
+        # A migration or a recovery pins where the next attempt goes.
+        clusters=tuple(job.next_clusters if job.next_clusters is not None else job.clusters),
         priority=job.priority,
         submitted_at=job.submitted_at,
         waiting_since=job.waiting_since,

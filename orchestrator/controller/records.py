@@ -35,6 +35,10 @@ class JobRecord:
     waiting_since: float = 0.0
     cost_so_far: float = 0.0
     reason: str | None = None
+    restarts: int = 0  # recoveries after faults so far
+    # Where the next attempt should go, set by a migration or a recovery and cleared when it
+    # is placed; None means the job's own placement.clusters.
+    next_clusters: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,13 @@ class AttemptRecord:
     steps_redone: int = 0
     exit_reason: str | None = None
     cost: float = 0.0
+    submitted_at: float | None = None  # handed to the cluster (after the copy, if any)
+    first_step_at: float | None = None  # wall time its first step finished
+    interrupted_at: float | None = None  # asked to drain, or its fault detected
+    copy_step: int | None = None  # the checkpoint step copied here before it started
+    copy_bytes_done: int = 0
+    copy_bytes_total: int | None = None
+    copy_s: float | None = None  # set once the copy is verified and committed
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,8 @@ def _job(row: sqlite3.Row) -> JobRecord:
         waiting_since=row["waiting_since"],
         cost_so_far=row["cost_so_far"],
         reason=row["reason"],
+        restarts=row["restarts"],
+        next_clusters=json.loads(row["next_clusters"]) if row["next_clusters"] else None,
     )
 
 

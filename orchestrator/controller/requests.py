@@ -7,8 +7,6 @@ clusters match. Transitions are compare-and-set, so a request and the loop canno
 
 from __future__ import annotations
 
-import dataclasses
-
 from omegaconf import DictConfig
 
 from orchestrator.controller.job_states import TERMINAL, JobState
@@ -45,7 +43,6 @@ def resume_job(
 
 def migrate_job(state: ControllerState, job_id: str, to: str, now: float) -> JobRecord:
     """Drain a running job and send it to cluster `to`, with its checkpoint."""
-    job = state.get_job(job_id)
-    state.update_job_config(job_id, dataclasses.replace(job, clusters=[to]))
+    state.set_next_clusters(job_id, [to])
     cause = f"migration to {to} requested by the user"
     return state.transition(job_id, JobState.DRAINING, cause, now, expect={JobState.RUNNING})

@@ -24,6 +24,7 @@ from typing import Any
 from orchestrator.controller.job_states import (
     ACTIVE_ATTEMPT,
     ALLOWED,
+    HOLDS_DEVICES,
     AttemptState,
     JobState,
 )
@@ -40,7 +41,28 @@ from orchestrator.controller.records import (  # noqa: F401 - re-exported for ca
     _job,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+# What each version adds to the one before, so a state dir from an older spillway is upgraded
+# in place instead of refused.
+_UPGRADES: dict[int, list[str]] = {
+    2: [
+        "ALTER TABLE jobs ADD COLUMN restarts INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN next_clusters TEXT",
+        *(
+            f"ALTER TABLE attempts ADD COLUMN {column}"
+            for column in (
+                "submitted_at REAL",
+                "first_step_at REAL",
+                "interrupted_at REAL",
+                "copy_step INTEGER",
+                "copy_bytes_done INTEGER NOT NULL DEFAULT 0",
+                "copy_bytes_total INTEGER",
+                "copy_s REAL",
+            )
+        ),
+    ],
+}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
@@ -59,7 +81,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     clusters TEXT NOT NULL DEFAULT '[]',
     budget REAL,
     cost_so_far REAL NOT NULL DEFAULT 0,
-    reason TEXT                           -- why it is in its state, e.g. a wait reason
+    reason TEXT,                          -- why it is in its state, e.g. a wait reason
+    -- recoveries after faults, and where the next attempt goes if pinned (a JSON list)
+    restarts INTEGER NOT NULL DEFAULT 0,
+    next_clusters TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, submitted_at);
 CREATE TABLE IF NOT EXISTS attempts (
@@ -78,6 +103,15 @@ CREATE TABLE IF NOT EXISTS attempts (
     steps_redone INTEGER NOT NULL DEFAULT 0,
     exit_reason TEXT,
     cost REAL NOT NULL DEFAULT 0,
+    submitted_at REAL,
+    first_step_at REAL,
+    -- when it was asked to drain or its fault was detected, and the checkpoint copied to its
+    -- cluster before it started
+    interrupted_at REAL,
+    copy_step INTEGER,
+    copy_bytes_done INTEGER NOT NULL DEFAULT 0,
+    copy_bytes_total INTEGER,
+    copy_s REAL,
     PRIMARY KEY (job_id, attempt)
 );
 CREATE INDEX IF NOT EXISTS attempts_by_state ON attempts(state, cluster);
@@ -122,11 +156,21 @@ _ATTEMPT_FIELDS = frozenset(
         "steps_redone",
         "exit_reason",
         "cost",
+        "submitted_at",
+        "first_step_at",
+        "interrupted_at",
+        "copy_step",
+        "copy_bytes_done",
+        "copy_bytes_total",
+        "copy_s",
+        "resumed_from_step",
     }
 )
 
 _ACTIVE = tuple(s.value for s in ACTIVE_ATTEMPT)
 _ACTIVE_SQL = ", ".join("?" for _ in _ACTIVE)
+_HOLDING = tuple(s.value for s in HOLDS_DEVICES)
+_HOLDING_SQL = ", ".join("?" for _ in _HOLDING)
 
 
 class ControllerState:
@@ -195,10 +239,21 @@ class ControllerState:
 
     def _ensure_schema(self) -> None:
         with self._write() as conn:
+            has_jobs = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'"
+            ).fetchone()
+            row = (
+                conn.execute("SELECT version FROM schema_version").fetchone() if has_jobs else None
+            )
+            if row is not None and row["version"] < SCHEMA_VERSION:
+                for version in range(row["version"] + 1, SCHEMA_VERSION + 1):
+                    for statement in _UPGRADES[version]:
+                        conn.execute(statement)
+                conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
+                row = conn.execute("SELECT version FROM schema_version").fetchone()
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     conn.execute(statement)
-            row = conn.execute("SELECT version FROM schema_version").fetchone()
             if row is None:
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
             elif row["version"] != SCHEMA_VERSION:
@@ -369,6 +424,28 @@ class ControllerState:
             if cur.rowcount == 0:
                 raise JobNotFound(job_id)
 
+    def set_next_clusters(self, job_id: str, clusters: list[str] | None) -> None:
+        """Pin where the job's next attempt goes (a migration, a recovery); None unpins."""
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET next_clusters = ? WHERE job_id = ?",
+                (json.dumps(list(clusters)) if clusters is not None else None, job_id),
+            )
+            if cur.rowcount == 0:
+                raise JobNotFound(job_id)
+
+    def count_restart(self, job_id: str) -> int:
+        """One more recovery after a fault; returns how many the job has had."""
+        with self._write() as conn:
+            cur = conn.execute(
+                "UPDATE jobs SET restarts = restarts + 1 WHERE job_id = ?", (job_id,)
+            )
+            if cur.rowcount == 0:
+                raise JobNotFound(job_id)
+            return conn.execute("SELECT restarts FROM jobs WHERE job_id = ?", (job_id,)).fetchone()[
+                0
+            ]
+
     def add_cost(self, job_id: str, amount: float) -> None:
         with self._write() as conn:
             cur = conn.execute(
@@ -425,8 +502,12 @@ class ControllerState:
         world_size: int,
         now: float,
         resumed_from_step: int | None = None,
+        state: AttemptState = AttemptState.SUBMITTED,
     ) -> AttemptRecord:
-        """Create the job's next attempt (numbered 1, 2, ...) in state SUBMITTED."""
+        """Create the job's next attempt (numbered 1, 2, ...), SUBMITTED unless it is PREPARING.
+
+        The job's next_clusters pin is used up by this placement, so it is cleared with it.
+        """
         with self._write() as conn:
             if conn.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone() is None:
                 raise JobNotFound(job_id)
@@ -441,11 +522,12 @@ class ControllerState:
                     number,
                     cluster,
                     world_size,
-                    AttemptState.SUBMITTED.value,
+                    AttemptState(state).value,
                     now,
                     resumed_from_step,
                 ),
             )
+            conn.execute("UPDATE jobs SET next_clusters = NULL WHERE job_id = ?", (job_id,))
             row = conn.execute(
                 "SELECT * FROM attempts WHERE job_id = ? AND attempt = ?", (job_id, number)
             ).fetchone()
@@ -493,12 +575,20 @@ class ControllerState:
         )
         return [_attempt(r) for r in rows]
 
+    def preparing_attempts(self) -> list[AttemptRecord]:
+        """Attempts placed on a cluster whose checkpoint copy has not finished starting them."""
+        rows = self._read(
+            "SELECT * FROM attempts WHERE state = ? ORDER BY created_at, job_id, attempt",
+            (AttemptState.PREPARING.value,),
+        )
+        return [_attempt(r) for r in rows]
+
     def devices_in_use(self, cluster: str) -> int:
-        """Devices held on ``cluster`` by attempts that are submitted or running."""
+        """Devices held on ``cluster`` by attempts that are preparing, submitted or running."""
         rows = self._read(
             f"SELECT COALESCE(SUM(world_size), 0) FROM attempts"
-            f" WHERE cluster = ? AND state IN ({_ACTIVE_SQL})",
-            (cluster, *_ACTIVE),
+            f" WHERE cluster = ? AND state IN ({_HOLDING_SQL})",
+            (cluster, *_HOLDING),
         )
         return int(rows[0][0])
 

@@ -2,7 +2,8 @@
 
 It reserves the whole gang as one placement group (all ranks or none), starts one rank actor
 per device, and waits. If any rank fails, the others are stopped at once rather than left to
-hang in a collective, and the driver exits non-zero.
+hang in a collective, and the driver exits non-zero: EXIT_RANK_LOST when a rank's process died
+(a fault the controller recovers from), 2 for a bad config, 1 for any other exception.
 
     SPILLWAY_ATTEMPT_SPEC='{...}' python -m orchestrator.runtime.driver
 """
@@ -14,18 +15,41 @@ import sys
 import time
 
 import ray
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from orchestrator.config.errors import ConfigError
 from orchestrator.runtime.drain import request_drain
 from orchestrator.runtime.rank import RankActor
-from orchestrator.runtime.spec import EXIT_DRAINED, EXIT_NO_CAPACITY, AttemptSpec
+from orchestrator.runtime.spec import EXIT_DRAINED, EXIT_NO_CAPACITY, EXIT_RANK_LOST, AttemptSpec
+
+# How long the other ranks get to report after one fails.
+RANK_FAILURE_GRACE_S = 10.0
 
 
 def _device_options(device_resource: str) -> dict:
     if device_resource == "GPU":
         return {"num_gpus": 1}
     return {"resources": {device_resource: 1}}
+
+
+def _error_of(ref: ray.ObjectRef) -> Exception | None:
+    try:
+        ray.get(ref)
+    except Exception as err:
+        return err
+    return None
+
+
+def exit_code_for(errors: list[Exception]) -> int:
+    """A dead rank process is a fault (retried); an exception the recipe raised is the job's own."""
+    if any(isinstance(e, RayActorError) for e in errors):
+        return EXIT_RANK_LOST
+    causes = [e.cause if isinstance(e, RayTaskError) else e for e in errors]
+    if any(isinstance(c, ConfigError) for c in causes):
+        return 2  # as the recipe exits on a bad config
+    return 1
 
 
 def run_attempt(spec: AttemptSpec) -> int:
@@ -70,14 +94,20 @@ def run_attempt(spec: AttemptSpec) -> int:
         try:
             if ray.get(done[0]).drained:
                 code = EXIT_DRAINED  # all ranks agreed to drain; the others return drained too
-        except Exception as exc:  # a rank failed or its process died
-            rank = running.index(done[0])
-            print(
-                f"spillway: rank {rank} failed: {type(exc).__name__}: {exc}",
-                file=sys.stderr,
-                flush=True,
-            )
-            code = 1
+        except Exception as first:
+            # The ranks still in a collective with the failed one fail within moments; hear
+            # them out, so that one rank's death is told apart from a bug that raised.
+            ended, _ = ray.wait(pending, num_returns=len(pending), timeout=RANK_FAILURE_GRACE_S)
+            errors = [(running.index(done[0]), first)] + [
+                (running.index(ref), err) for ref in ended if (err := _error_of(ref)) is not None
+            ]
+            for rank, err in errors:
+                print(
+                    f"spillway: rank {rank} failed: {type(err).__name__}: {err}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            code = exit_code_for([err for _, err in errors])
             break
     for actor in ranks:
         ray.kill(actor)

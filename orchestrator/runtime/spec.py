@@ -6,13 +6,14 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from recipes.common.drain import DRAINED_EXIT
+from orchestrator import exit_codes
 
 SPEC_ENV = "SPILLWAY_ATTEMPT_SPEC"
 
 # Driver exit codes the controller tells apart from a training failure.
-EXIT_NO_CAPACITY = 3  # the placement group could not be reserved in time
-EXIT_DRAINED = DRAINED_EXIT  # every rank stopped at one step with a committed checkpoint
+EXIT_NO_CAPACITY = exit_codes.NO_CAPACITY
+EXIT_RANK_LOST = exit_codes.RANK_LOST
+EXIT_DRAINED = exit_codes.DRAINED
 
 
 @dataclass(frozen=True)

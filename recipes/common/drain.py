@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 from typing import Protocol
 
-# EX_TEMPFAIL: stopped on request with a committed checkpoint; try again elsewhere.
-DRAINED_EXIT = 75
+from orchestrator import exit_codes
+
+DRAINED_EXIT = exit_codes.DRAINED
 ACK_FILE = "DRAINED.json"
 
 

@@ -173,6 +173,7 @@ def train(cfg: DictConfig, drain: Drain | None = None) -> TrainResult:
             "tokens_seen": tokens_seen,
             "step_time_s": elapsed,
             "tokens_per_s": tokens_per_step / elapsed,
+            "time": time.time(),  # wall clock: when the controller saw an attempt's first step
         }
         if peak:
             record["mfu"] = flops_tok * tokens_per_step / elapsed / (peak * world)

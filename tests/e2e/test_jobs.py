@@ -50,13 +50,16 @@ def cluster(home, name: str) -> LocalCluster:
     return LocalCluster.load(home / "fleet" / "local" / f"{name}.json")
 
 
-def test_first_launch_starts_the_fleet_and_spills_the_second_job(spillway, fleet_home):
+def test_first_launch_starts_the_fleet_spills_the_second_job_and_brings_it_home(
+    spillway, fleet_home
+):
     first = spillway("launch", *TINY, "trainer.max_steps=60", "run_name=A", "--json")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "starting the local fleet (home, partner)" in first.stderr
     assert "starting the controller on home" in first.stderr
     a = json.loads(first.stdout)["job_id"]
-    b = launch(spillway, "trainer.max_steps=60", "run_name=B")
+    # B spills to partner while A holds home, and moves home once A is done (return_home).
+    b = launch(spillway, "trainer.max_steps=200", "run_name=B", "placement.return_home=true")
 
     for job_id in (a, b):
         waited = spillway("wait", job_id, "--timeout", "240", timeout=300)
@@ -66,16 +69,22 @@ def test_first_launch_starts_the_fleet_and_spills_the_second_job(spillway, fleet
         ("home", 2, "SUCCEEDED")
     ]
     assert [(x["cluster"], x["world_size"], x["state"]) for x in where[b]] == [
-        ("partner", 2, "SUCCEEDED")
+        ("partner", 2, "DRAINED"),
+        ("home", 2, "SUCCEEDED"),
     ]
+    assert where[b][1]["steps_redone"] == 0
     events_b = [e["cause"] for e in job(spillway, b)["events"]]
     assert "placed on partner (leased) with 2 device(s)" in events_b
+    assert "room on home (owned): leaving the lease on partner" in events_b
     assert job(spillway, b)["cost"] > 0 and job(spillway, a)["cost"] == 0
 
-    for job_id, where_ran in ((a, "home"), (b, "partner")):
+    for job_id, steps, where_ran in (
+        (a, 60, {(1, "home")}),
+        (b, 200, {(1, "partner"), (2, "home")}),
+    ):
         lines = [json.loads(x) for x in spillway("metrics", job_id, "--json").stdout.splitlines()]
-        assert [x["step"] for x in lines] == list(range(1, 61))
-        assert {(x["attempt"], x["cluster"]) for x in lines} == {(1, where_ran)}
+        assert [x["step"] for x in lines] == list(range(1, steps + 1))
+        assert {(x["attempt"], x["cluster"]) for x in lines} == where_ran
 
     table = spillway("status").stdout
     assert a in table and b in table and "SUCCEEDED" in table
@@ -225,6 +234,7 @@ def test_migrate_drains_and_continues_elsewhere_with_no_step_redone(spillway, fl
         "RUNNING",
         "DRAINING",
         "PENDING",
+        "MIGRATING",
         "STARTING",
         "RUNNING",
         "SUCCEEDED",

@@ -350,6 +350,17 @@ def test_plain_copy_copies_the_same_bytes_uncommitted(pair):
     manifest.verify(fs, tmp, check_hashes=True)
 
 
+def test_rate_limit_holds_the_copy_to_the_cap(roots):
+    src, dst = roots.make("local"), roots.make("local")
+    files = _save(src, 3, {"a.bin": 40_000, "b.bin": 20_000})
+    res = copy_checkpoint(src, dst, 3, limit_bytes_per_s=200_000)
+    # 60 kB at 200 kB/s cannot take less than 0.3 s, whatever the machine.
+    assert res.seconds >= 0.3 and res.bytes == 60_000
+    _assert_committed_copy(src, dst, 3, files)
+    with pytest.raises(ValueError, match="limit_bytes_per_s"):
+        copy_checkpoint(src, dst, 3, limit_bytes_per_s=0)
+
+
 def test_copy_result_rate():
     assert CopyResult(1, 2, 1000, 2.0, 1).bytes_per_s == 500.0
     assert CopyResult(1, 2, 0, 0.0, 0).bytes_per_s == 0.0

@@ -59,7 +59,9 @@ def test_schema_created_and_wal_on(st: ControllerState, db: Path) -> None:
     with sqlite3.connect(db) as conn:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"jobs", "attempts", "events", "checkpoints", "schema_version"} <= tables
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [
+            (state_module.SCHEMA_VERSION,)
+        ]
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -208,6 +210,56 @@ def test_attempts_numbering_active_and_devices(st: ControllerState) -> None:
         st.update_attempt(a.job_id, 9, state=AttemptState.LOST)
     with pytest.raises(JobNotFound):
         st.add_attempt("j-none", "owned-a", 1, T0, resumed_from_step=None)
+
+
+def test_preparing_attempt_holds_devices_and_placement_uses_up_the_pin(
+    st: ControllerState,
+) -> None:
+    a = _job(st)
+    st.set_next_clusters(a.job_id, ["lease-b"])
+    assert st.get_job(a.job_id).next_clusters == ["lease-b"]
+    prep = st.add_attempt(a.job_id, "lease-b", 4, T0 + 1, state=AttemptState.PREPARING)
+    assert prep.state is AttemptState.PREPARING
+    assert st.get_job(a.job_id).next_clusters is None
+    # Devices a copy is being made for are not free, but nothing runs there to reattach to.
+    assert st.devices_in_use("lease-b") == 4
+    assert st.active_attempts() == []
+    assert [x.attempt for x in st.preparing_attempts()] == [1]
+    st.update_attempt(a.job_id, 1, copy_step=40, copy_bytes_done=10, copy_bytes_total=100)
+    done = st.update_attempt(a.job_id, 1, copy_s=1.5, state=AttemptState.SUBMITTED)
+    assert (done.copy_step, done.copy_bytes_total, done.copy_s) == (40, 100, 1.5)
+    assert st.preparing_attempts() == [] and st.devices_in_use("lease-b") == 4
+    assert [st.count_restart(a.job_id), st.count_restart(a.job_id)] == [1, 2]
+    assert st.get_job(a.job_id).restarts == 2
+    with pytest.raises(JobNotFound):
+        st.count_restart("j-none")
+
+
+def test_a_version_1_state_file_is_upgraded_in_place(db: Path) -> None:
+    with ControllerState.open(db) as st:
+        job = _job(st)
+        st.add_attempt(job.job_id, "owned-a", 2, T0 + 1)
+    added: dict[str, set[str]] = {}
+    for upgrade in state_module._UPGRADES[2]:
+        table, column = upgrade.split()[2], upgrade.split(" ADD COLUMN ")[1].split()[0]
+        added.setdefault(table, set()).add(column)
+    with sqlite3.connect(db) as conn:  # what spillway 0.1 wrote: version 1, no new columns
+        for table, columns in added.items():
+            names = [r[1] for r in conn.execute(f"PRAGMA table_info({table})")]
+            kept = ", ".join(n for n in names if n not in columns)
+            conn.execute(f"CREATE TABLE old_{table} AS SELECT {kept} FROM {table}")
+            conn.execute(f"DROP TABLE {table}")
+            conn.execute(f"ALTER TABLE old_{table} RENAME TO {table}")
+        conn.execute("UPDATE schema_version SET version = 1")
+    with ControllerState.open(db) as st:
+        again = st.get_job(job.job_id)
+        assert (again.name, again.restarts, again.next_clusters) == (job.name, 0, None)
+        assert st.attempts(job.job_id)[0].copy_bytes_done == 0
+        st.count_restart(job.job_id)
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [
+            (state_module.SCHEMA_VERSION,)
+        ]
 
 
 def test_add_cost(st: ControllerState) -> None:

@@ -1,0 +1,86 @@
+"""Bringing a job's newest committed checkpoint to the cluster its next attempt runs on.
+
+The candidates are every committed checkpoint on every cluster the job has visited, newest
+first. The copy verifies every byte against the source's manifest on the way; a checkpoint
+that does not verify is passed over for the next newest, so a corrupt shard costs the steps
+since the checkpoint before it and nothing more.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from orchestrator.checkpoint import catalog
+from orchestrator.checkpoint.manifest import CheckpointInvalid
+from orchestrator.checkpoint.storage import open_root
+from orchestrator.checkpoint.transfer import Progress, copy_checkpoint
+from orchestrator.controller.paths import checkpoints_url
+from orchestrator.fleet.fleet import ClusterView
+
+log = logging.getLogger("spillway.controller")
+
+
+@dataclass(frozen=True)
+class Source:
+    cluster: str
+    url: str
+    step: int
+
+
+@dataclass(frozen=True)
+class Brought:
+    source: Source | None  # None: no committed checkpoint anywhere, the job starts from step 0
+    bytes: int  # 0 when the target already had it
+    seconds: float
+
+
+def checkpoint_sources(
+    job_id: str, visited: Iterable[ClusterView], target: str, warn: Callable[[str], None]
+) -> list[Source]:
+    """Committed checkpoints on the clusters in `visited`, newest step first; on a tie the
+    target's own copy first (nothing to copy), then `visited` order. A store that cannot be
+    listed (its cluster is gone with it) is skipped with a warning."""
+    found: list[tuple[int, int, Source]] = []
+    for rank, view in enumerate(visited):
+        url = checkpoints_url(view, job_id)
+        try:
+            fs, root = open_root(url)
+            steps = catalog.committed_steps(fs, root)
+        except Exception as exc:  # noqa: BLE001 - any store error means: not usable now
+            warn(f"cannot list checkpoints on {view.name} ({url}): {exc}")
+            continue
+        for step in steps:
+            found.append((-step, -1 if view.name == target else rank, Source(view.name, url, step)))
+    return [s for *_, s in sorted(found, key=lambda t: (t[0], t[1]))]
+
+
+def bring(
+    sources: list[Source],
+    target: ClusterView,
+    job_id: str,
+    event: Callable[[str], None],
+    progress: Progress | None = None,
+    limit_bytes_per_s: float | None = None,
+) -> Brought:
+    """Copy the newest source that verifies to the target; stop at one the target already has."""
+    dst = checkpoints_url(target, job_id)
+    for source in sources:
+        if source.cluster == target.name:
+            return Brought(source, 0, 0.0)
+        try:
+            copied = copy_checkpoint(
+                source.url, dst, source.step, progress=progress, limit_bytes_per_s=limit_bytes_per_s
+            )
+        except CheckpointInvalid as exc:
+            event(
+                f"checkpoint step {source.step} on {source.cluster} does not verify ({exc}); "
+                "trying the one before it"
+            )
+            continue
+        except FileNotFoundError as exc:  # pruned or removed since it was listed
+            event(f"checkpoint step {source.step} on {source.cluster} is gone ({exc})")
+            continue
+        return Brought(source, copied.bytes, copied.seconds)
+    return Brought(None, 0, 0.0)

@@ -1,0 +1,18 @@
+"""Where a job's files live under a cluster's storage root: one folder per job, shared by
+its attempts on that cluster, with its checkpoints beside them."""
+
+from __future__ import annotations
+
+from orchestrator.fleet.fleet import ClusterView
+
+
+def job_root(cluster: ClusterView, job_id: str) -> str:
+    return f"{cluster.storage_root.rstrip('/')}/jobs/{job_id}"
+
+
+def attempt_dir(cluster: ClusterView, job_id: str, attempt: int) -> str:
+    return f"{job_root(cluster, job_id)}/attempt-{attempt}"
+
+
+def checkpoints_url(cluster: ClusterView, job_id: str) -> str:
+    return f"{job_root(cluster, job_id)}/checkpoints"
