@@ -80,6 +80,8 @@ class Checkpointer:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash")
         self._pending: PendingSave | None = None
         self.last_save_blocking_s = 0.0
+        # Start of the last committed save to its commit, on rank 0: what a drain's save costs.
+        self.last_commit_s: float | None = None
         if self.rank == 0:
             self.fs.makedirs(self.root, exist_ok=True)
             for name in catalog.remove_stale_tmp(self.fs, self.root):
@@ -214,6 +216,7 @@ class Checkpointer:
             for old in catalog.prune(self.fs, self.root, self.keep):
                 log.info("pruned checkpoint step %d (keeping the last %d)", old, self.keep)
             elapsed = time.perf_counter() - pending.started
+            self.last_commit_s = elapsed
             log.info("committed checkpoint step %d in %.2fs", pending.step, elapsed)
         dist.barrier(group=self._ctrl)
         return pending.step

@@ -247,6 +247,11 @@ def _job_json(state: ControllerState, job: JobRecord, detail: bool) -> dict:
         "restarts": job.restarts, "attempts": _attempts_json(state, job.job_id),
     }  # fmt: skip
     if detail:
+        out["checkpoints"] = [
+            {"step": c.step, "cluster": c.cluster, "url": c.url, "bytes": c.bytes,
+             "verified": c.verified, "recorded_at": c.recorded_at}
+            for c in state.checkpoints(job.job_id)
+        ]  # fmt: skip
         out["events"] = [
             {"at": e.at, "kind": e.kind, "from": e.from_state and e.from_state.value,
              "to": e.to_state and e.to_state.value, "cause": e.cause, "attempt": e.attempt}
@@ -300,6 +305,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         for a in info["attempts"]:
             if line := _copy_line(a, now):
                 print(line)
+        if info["checkpoints"]:
+            print("checkpoints: " + ", ".join(
+                f"{c['step']} on {c['cluster']} ({_megabytes(c['bytes'])}"
+                f"{', verified copy' if c['verified'] else ''})" for c in info["checkpoints"]
+            ))  # fmt: skip
         print(table(
             ("when", "event", "cause"),
             [(time.strftime("%H:%M:%S", time.localtime(e["at"])),

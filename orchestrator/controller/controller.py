@@ -37,7 +37,7 @@ from orchestrator.fleet.probe import ClusterHealth, probe
 from orchestrator.runtime.drain import request_drain
 from orchestrator.runtime.spec import AttemptSpec
 from orchestrator.scheduling import ClusterSnapshot, JobRequest, Placement, place
-from orchestrator.tracking.metrics import read_metrics
+from orchestrator.tracking.metrics import last_metrics, read_metrics
 from recipes.common.drain import ACK_FILE
 
 log = logging.getLogger("spillway.controller")
@@ -102,9 +102,18 @@ class Controller:
                 continue
             job = self._job(attempt.job_id)
             left = cluster.lease_end - now
-            if job.state == JobState.RUNNING and left <= _placement(job)["lease_drain_margin_s"]:
+            if job.state != JobState.RUNNING:
+                continue
+            # The drain must leave time for its save: the last one the job made, measured.
+            last = last_metrics(
+                Path(attempt_dir(cluster, job.job_id, attempt.attempt)) / "metrics.jsonl"
+            )
+            save_s = (last or {}).get("checkpoint_s") or 0.0
+            margin = _placement(job)["lease_drain_margin_s"]
+            if left <= margin + save_s:
                 cause = (
-                    f"lease on {cluster.name} ends in {max(0.0, left):.0f}s; draining to move on"
+                    f"lease on {cluster.name} ends in {max(0.0, left):.0f}s; draining to move on "
+                    f"(its save takes {save_s:.1f}s, margin {margin:.0f}s)"
                 )
                 self._settle(job.job_id, JobState.DRAINING, cause, now, attempt.attempt)
 
@@ -298,6 +307,12 @@ class Controller:
         hours = (now - (attempt.started_at or attempt.submitted_at or attempt.created_at)) / 3600
         cost = hours * attempt.world_size * cluster.cost_per_device_hour
         self.state.add_cost(job.job_id, cost)
+        try:  # the catalog: what this attempt left committed on its cluster's store
+            found = migration.committed_sizes(cluster, job.job_id)
+            url = checkpoints_url(cluster, job.job_id)
+            self.state.sync_checkpoints(job.job_id, cluster.name, url, found, now)
+        except Exception as exc:  # a store gone with its cluster: the catalog keeps what it knew
+            log.warning("job %s: cannot list checkpoints on %s: %s", job.job_id, cluster.name, exc)
         return dict(ended_at=now, cost=cost, **self._steps(cluster, job.job_id, attempt))
 
     def _settle(self, job_id: str, to: JobState, cause: str, now: float, attempt: int) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from orchestrator.checkpoint import catalog
-from orchestrator.checkpoint.manifest import CheckpointInvalid
+from orchestrator.checkpoint.manifest import CheckpointInvalid, verify
 from orchestrator.checkpoint.storage import open_root
 from orchestrator.checkpoint.transfer import Progress, copy_checkpoint
 from orchestrator.controller.paths import checkpoints_url
@@ -84,3 +84,17 @@ def bring(
             continue
         return Brought(source, copied.bytes, copied.seconds)
     return Brought(None, 0, 0.0)
+
+
+def committed_sizes(view: ClusterView, job_id: str) -> dict[int, int]:
+    """Step -> bytes of the job's committed checkpoints on a cluster whose files are all there
+    with their listed sizes (the hashes are checked when a checkpoint is copied or loaded)."""
+    fs, root = open_root(checkpoints_url(view, job_id))
+    sizes = {}
+    for step in catalog.committed_steps(fs, root):
+        try:
+            doc = verify(fs, catalog.step_dir(root, step), check_hashes=False)
+        except (CheckpointInvalid, FileNotFoundError):
+            continue
+        sizes[step] = sum(f["size"] for f in doc["files"])
+    return sizes

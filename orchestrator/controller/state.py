@@ -615,6 +615,29 @@ class ControllerState:
                 (job_id, step, cluster, url, bytes, int(verified), now),
             )
 
+    def sync_checkpoints(
+        self, job_id: str, cluster: str, url: str, found: dict[int, int], now: float
+    ) -> None:
+        """Make the catalog of one job on one cluster match what its store holds now
+        (``found``: step -> bytes): new steps are added unverified, pruned ones dropped, and a
+        step already known as verified (a copy checked byte by byte) stays verified."""
+        with self._write() as conn:
+            for step, size in found.items():
+                conn.execute(
+                    "INSERT INTO checkpoints (job_id, step, cluster, url, bytes, verified,"
+                    " recorded_at) VALUES (?, ?, ?, ?, ?, 0, ?)"
+                    " ON CONFLICT (job_id, step, cluster) DO UPDATE SET bytes = excluded.bytes",
+                    (job_id, step, cluster, url, size, now),
+                )
+            # NOT IN () is not SQL, and NOT IN (NULL) matches nothing: an empty store has an
+            # impossible step instead.
+            kept = list(found) or [-1]
+            marks = ", ".join("?" for _ in kept)
+            conn.execute(
+                f"DELETE FROM checkpoints WHERE job_id = ? AND cluster = ? AND step NOT IN ({marks})",
+                (job_id, cluster, *kept),
+            )
+
     def checkpoints(self, job_id: str) -> list[CheckpointRecord]:
         """The job's checkpoints, newest step first."""
         rows = self._read(

@@ -90,7 +90,10 @@ def run_attempt(spec: AttemptSpec) -> int:
     code = 0
     pending = list(running)
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+        # A timeout, so that the main thread comes back to Python and a SIGTERM's handler runs.
+        done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+        if not done:
+            continue
         try:
             if ray.get(done[0]).drained:
                 code = EXIT_DRAINED  # all ranks agreed to drain; the others return drained too
@@ -117,9 +120,10 @@ def run_attempt(spec: AttemptSpec) -> int:
 
 def main() -> None:
     spec = AttemptSpec.from_env()
-    # A partner taking its nodes back sends SIGTERM: pass it on as a drain, then wait for it.
-    signal.signal(signal.SIGTERM, lambda *_: request_drain(spec.run_dir, "SIGTERM to the driver"))
     ray.init(address="auto", log_to_driver=True)
+    # A partner taking its nodes back sends SIGTERM: pass it on as a drain, then wait for it.
+    # Installed after ray.init, which sets a SIGTERM handler of its own that just exits.
+    signal.signal(signal.SIGTERM, lambda *_: request_drain(spec.run_dir, "SIGTERM to the driver"))
     print(
         f"spillway: job {spec.job_id} attempt {spec.attempt} on {spec.world_size} rank(s)",
         flush=True,

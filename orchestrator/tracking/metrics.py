@@ -31,3 +31,21 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+def last_metrics(path: str | Path, tail_bytes: int = 8192) -> dict[str, Any] | None:
+    """The newest whole record of a metrics.jsonl, reading only its end: cheap on long runs."""
+    try:
+        with Path(path).open("rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - tail_bytes))
+            tail = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in reversed(tail.splitlines()):
+        try:
+            return json.loads(line)
+        except json.JSONDecodeError:
+            continue  # cut short by a crash, or by where the tail began
+    return None

@@ -174,6 +174,8 @@ def train(cfg: DictConfig, drain: Drain | None = None) -> TrainResult:
             "step_time_s": elapsed,
             "tokens_per_s": tokens_per_step / elapsed,
             "time": time.time(),  # wall clock: when the controller saw an attempt's first step
+            # The last save's duration, so a lease is left early enough for the drain's save.
+            "checkpoint_s": ckpt.last_commit_s,
         }
         if peak:
             record["mfu"] = flops_tok * tokens_per_step / elapsed / (peak * world)

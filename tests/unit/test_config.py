@@ -80,6 +80,13 @@ def test_composition_errors_name_the_key(overrides, key, words):
         (["optim.lr=0"], 1, "optim.lr"),
         (["logger.kind=tensorboard"], 1, "logger.kind"),
         (["data=synthetic", "data.dtype=int8"], 1, "data.dtype"),
+        (["placement.recovery=pray"], 1, "placement.recovery"),
+        (["placement.max_restarts=-1"], 1, "placement.max_restarts"),
+        (["placement.drain_timeout_s=0"], 1, "placement.drain_timeout_s"),
+        (["placement.user_error_exit_codes=[1,75]"], 1, "placement.user_error_exit_codes"),
+        (["placement.user_error_exit_codes=[0]"], 1, "placement.user_error_exit_codes"),
+        (["placement.copy_limit_mb_s=-2"], 1, "placement.copy_limit_mb_s"),
+        (["fleet.lost_after_s=0"], 1, "fleet.lost_after_s"),
     ],
 )
 def test_validation_names_the_key_and_what_is_allowed(overrides, world, key):
@@ -107,3 +114,11 @@ def test_gpu_models_are_refused_on_cpu_only():
 def test_composed_config_is_plain_data():
     cfg = compose_run()
     assert OmegaConf.to_container(cfg, throw_on_missing=True)["trainer"]["max_steps"] == 300
+
+
+def test_a_reserved_exit_code_is_refused_with_what_it_means():
+    cfg = compose_run(["placement.user_error_exit_codes=[75]"])
+    with pytest.raises(
+        ConfigError, match=r"75 is not allowed: codes are 1..255 except .*75 \(drained\)"
+    ):
+        validate(cfg, world_size=1, device_type="cpu")

@@ -262,6 +262,23 @@ def test_a_version_1_state_file_is_upgraded_in_place(db: Path) -> None:
         ]
 
 
+def test_sync_checkpoints_follows_the_store_and_keeps_verified_copies(st: ControllerState) -> None:
+    a = _job(st)
+    st.record_checkpoint(a.job_id, 20, "lease-b", "mem://b", 100, True, T0)  # a verified copy
+    st.sync_checkpoints(a.job_id, "lease-b", "mem://b", {20: 100, 30: 110}, T0 + 1)
+    st.sync_checkpoints(a.job_id, "owned-a", "mem://a", {10: 90}, T0 + 1)
+    rows = {(r.step, r.cluster): r.verified for r in st.checkpoints(a.job_id)}
+    assert rows == {(30, "lease-b"): False, (20, "lease-b"): True, (10, "owned-a"): False}
+    st.sync_checkpoints(a.job_id, "lease-b", "mem://b", {30: 110, 40: 120}, T0 + 2)  # 20 pruned
+    assert [(r.step, r.cluster) for r in st.checkpoints(a.job_id)] == [
+        (40, "lease-b"),
+        (30, "lease-b"),
+        (10, "owned-a"),
+    ]
+    st.sync_checkpoints(a.job_id, "owned-a", "mem://a", {}, T0 + 3)
+    assert {r.cluster for r in st.checkpoints(a.job_id)} == {"lease-b"}
+
+
 def test_add_cost(st: ControllerState) -> None:
     job = _job(st)
     st.add_cost(job.job_id, 1.25)
