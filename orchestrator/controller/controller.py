@@ -46,6 +46,8 @@ __all__ = ["Controller", "attempt_dir", "checkpoints_url"]
 
 # Seconds between progress writes of a checkpoint copy: enough for a live bar, few writes.
 COPY_PROGRESS_EVERY_S = 0.5
+# How long placement waits for a copy before leaving it to its thread and the next ticks.
+COPY_INLINE_WAIT_S = 1.0
 
 
 def _placement(job: JobRecord) -> dict:
@@ -406,7 +408,13 @@ class Controller:
             f"copying checkpoint step {newest.step} from {newest.cluster} first"
         )
         self.state.transition(job.job_id, JobState.MIGRATING, cause, now, attempt.attempt)
-        self._start_copy(attempt)
+        copying = self._start_copy(attempt)
+        # A small checkpoint is across in well under a tick: start it now rather than next tick.
+        copying.join(timeout=COPY_INLINE_WAIT_S)
+        if not copying.is_alive():
+            again = next(a for a in self.state.attempts(job.job_id) if a.attempt == attempt.attempt)
+            if again.state == AttemptState.PREPARING:
+                self._advance_copy(again, {target.name: target}, now)
 
     def _advance_copy(
         self, attempt: AttemptRecord, clusters: dict[str, ClusterView], now: float
@@ -439,7 +447,7 @@ class Controller:
         )
         self._start_copy(attempt)
 
-    def _start_copy(self, attempt: AttemptRecord) -> None:
+    def _start_copy(self, attempt: AttemptRecord) -> threading.Thread:
         thread = threading.Thread(
             target=self._copy,
             args=(attempt.job_id, attempt.attempt),
@@ -448,6 +456,7 @@ class Controller:
         )
         self._copies[(attempt.job_id, attempt.attempt)] = thread
         thread.start()
+        return thread
 
     def _copy(self, job_id: str, number: int) -> None:
         """On its own thread, so a long copy never stalls the loop; the loop submits after."""

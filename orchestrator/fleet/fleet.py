@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -132,14 +133,19 @@ def up(fleet: DictConfig, state_dir: str) -> dict[str, str]:
 def down(fleet: DictConfig, state_dir: str) -> dict[str, list[int]]:
     """Stop the local clusters `up` started, by their own PIDs; returns the PIDs per cluster."""
     fdir = fleet_dir(state_dir, fleet.name)
-    stopped = {}
-    for name, c in fleet.clusters.items():
-        record_path = fdir / f"{name}.json"
-        rec = LocalCluster.load(record_path) if c.local else None
-        if rec is None:
-            continue
-        stopped[name] = stop_local_cluster(rec)
-        os.remove(record_path)
+    records = {
+        name: (fdir / f"{name}.json", rec)
+        for name, c in fleet.clusters.items()
+        if c.local and (rec := LocalCluster.load(fdir / f"{name}.json")) is not None
+    }
+    # All at once: each waits out its own grace period for processes that ignore SIGTERM.
+    with ThreadPoolExecutor(max_workers=max(1, len(records))) as pool:
+        stopping = {
+            name: pool.submit(stop_local_cluster, rec) for name, (_, rec) in records.items()
+        }
+    stopped = {name: done.result() for name, done in stopping.items()}
+    for path, _ in records.values():
+        os.remove(path)
     anchor = fdir / "up_at"
     if anchor.exists() and not any(fdir.glob("*.json")):
         anchor.unlink()

@@ -30,8 +30,12 @@ def session_pids(session_id: int) -> list[int]:
     return sorted(pids)
 
 
-def stop_session(session_id: int, grace_s: float = 10.0) -> list[int]:
-    """SIGTERM every process of the session, SIGKILL what is left after grace_s."""
+def stop_session(session_id: int, grace_s: float = 3.0) -> list[int]:
+    """SIGTERM every process of the session, SIGKILL what is left after grace_s.
+
+    Ray's workers and agents exit on SIGTERM at once; its raylet takes about 10 s and its GCS
+    does not exit at all, and neither holds anything a checkpoint needs, so the grace is short.
+    """
     stopped = session_pids(session_id)
     for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
         for pid in session_pids(session_id):

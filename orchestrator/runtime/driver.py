@@ -95,7 +95,7 @@ def run_attempt(spec: AttemptSpec) -> int:
         if not done:
             continue
         try:
-            if ray.get(done[0]).drained:
+            if ray.get(done[0])["drained"]:
                 code = EXIT_DRAINED  # all ranks agreed to drain; the others return drained too
         except Exception as first:
             # The ranks still in a collective with the failed one fail within moments; hear

@@ -20,7 +20,9 @@ class RankActor:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def run(self, rank: int, world_size: int, master: tuple[str, int], overrides: list[str]):
+    def run(
+        self, rank: int, world_size: int, master: tuple[str, int], overrides: list[str]
+    ) -> dict:
         from orchestrator.config import compose_run
 
         # Ray already narrowed CUDA_VISIBLE_DEVICES to this actor's GPU, so it is device 0.
@@ -34,4 +36,7 @@ class RankActor:
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         cfg = compose_run(overrides)
         recipe = importlib.import_module(cfg.recipe.module)
-        return recipe.train(cfg, drain=MarkerDrain(cfg.run_dir))
+        result = recipe.train(cfg, drain=MarkerDrain(cfg.run_dir))
+        # Plain values: the recipe's own result type would make the driver import the recipe
+        # (and torch) just to read it, seconds on every attempt's end.
+        return {"step": result.step, "drained": result.drained}

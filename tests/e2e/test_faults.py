@@ -20,13 +20,13 @@ from orchestrator.controller.state import ControllerState
 from orchestrator.fleet.processes import session_pids
 from tests.e2e.faults import (
     FAULT,
+    Uninterrupted,
     assert_losses_match,
     cluster,
     driver_pids,
     last_step,
     metrics,
     rank_pids,
-    uninterrupted,
 )
 from tests.e2e.test_jobs import _views, controller_beat, job, wait_for
 
@@ -36,8 +36,8 @@ SAME_WORLD = 1e-5  # the issue's bound; on one world size the runs are in fact b
 
 
 @pytest.fixture(scope="module")
-def reference(fleet_home) -> dict[int, float]:
-    return uninterrupted(fleet_home, 2, FAULT)
+def reference(fleet_home) -> Uninterrupted:
+    return Uninterrupted(fleet_home, 2, FAULT)
 
 
 def start(spillway, *overrides: str) -> str:
@@ -65,7 +65,7 @@ def committed(home, cluster_name: str, job_id: str) -> list[int]:
 
 def test_3_kill_9_of_a_rank_restarts_it_from_the_last_checkpoint(spillway, fleet_home, reference):
     k = start(spillway, "run_name=K", "placement.clusters=[home]", "placement.recovery=restart")
-    wait_for(lambda: last_step(spillway, k) >= 15, what="K past step 15")
+    wait_for(lambda: last_step(fleet_home, k) >= 15, what="K past step 15", poll_s=0.05)
     victim = rank_pids(fleet_home, "home")[-1]
     os.kill(victim, signal.SIGKILL)
 
@@ -78,7 +78,7 @@ def test_3_kill_9_of_a_rank_restarts_it_from_the_last_checkpoint(spillway, fleet
     assert second["first_step"] % 10 == 1 and second["first_step"] <= first["last_step"]
     assert second["steps_redone"] == first["last_step"] - second["first_step"] + 1
     assert second["resume_s"] > 0
-    assert_losses_match(metrics(spillway, k), reference, SAME_WORLD)
+    assert_losses_match(metrics(spillway, k), reference.losses(), SAME_WORLD)
 
 
 def test_5_a_crash_in_the_middle_of_a_save_never_counts(spillway, fleet_home, reference):
@@ -104,7 +104,7 @@ def test_5_a_crash_in_the_middle_of_a_save_never_counts(spillway, fleet_home, re
     assert (first["state"], second["state"]) == ("FAILED", "SUCCEEDED")
     assert second["first_step"] == saving - 10 + 1, f"the half-written step {saving} was loaded"
     assert not [n for n in os.listdir(root) if n.endswith(".tmp")], "debris left behind"
-    assert_losses_match(metrics(spillway, c), reference, SAME_WORLD)
+    assert_losses_match(metrics(spillway, c), reference.losses(), SAME_WORLD)
 
 
 def test_6_a_corrupt_shard_is_caught_and_the_checkpoint_before_it_used(
@@ -131,14 +131,14 @@ def test_6_a_corrupt_shard_is_caught_and_the_checkpoint_before_it_used(
     assert any(c.startswith(f"checkpoint step {newest} on home does not verify") for c in causes), (
         causes
     )
-    assert_losses_match(metrics(spillway, x), reference, SAME_WORLD)
+    assert_losses_match(metrics(spillway, x), reference.losses(), SAME_WORLD)
 
 
 def test_7_a_controller_killed_mid_migration_resumes_it_and_copies_once(
     spillway, fleet_home, reference
 ):
-    m = start(spillway, "run_name=M", "placement.clusters=[home]", "placement.copy_limit_mb_s=0.2")
-    wait_for(lambda: last_step(spillway, m) >= 25, what="M past step 25")
+    m = start(spillway, "run_name=M", "placement.clusters=[home]", "placement.copy_limit_mb_s=0.4")
+    wait_for(lambda: last_step(fleet_home, m) >= 25, what="M past step 25", poll_s=0.05)
     assert spillway("migrate", m, "--to", "partner").returncode == 0
 
     def copying() -> bool:
@@ -166,12 +166,12 @@ def test_7_a_controller_killed_mid_migration_resumes_it_and_copies_once(
             committed(fleet_home, name, m)
         )
     assert first["last_step"] in {r.step for r in rows if r.cluster == "home"}
-    assert_losses_match(metrics(spillway, m), reference, SAME_WORLD)
+    assert_losses_match(metrics(spillway, m), reference.losses(), SAME_WORLD)
 
 
 def test_8_sigterm_to_the_driver_drains_and_moves_the_job(spillway, fleet_home, reference):
     t = start(spillway, "run_name=T", "placement.clusters=[partner,home]")
-    wait_for(lambda: last_step(spillway, t) >= 15, what="T past step 15")
+    wait_for(lambda: last_step(fleet_home, t) >= 15, what="T past step 15", poll_s=0.05)
     (driver,) = driver_pids(t)
     os.kill(driver, signal.SIGTERM)
 
@@ -182,12 +182,12 @@ def test_8_sigterm_to_the_driver_drains_and_moves_the_job(spillway, fleet_home, 
     assert second["first_step"] == first["last_step"] + 1 and second["steps_redone"] == 0
     assert any("(SIGTERM to the driver)" in e["cause"] for e in info["events"])
     assert info["restarts"] == 0
-    assert_losses_match(metrics(spillway, t), reference, SAME_WORLD)
+    assert_losses_match(metrics(spillway, t), reference.losses(), SAME_WORLD)
 
 
 def test_a_drain_not_acknowledged_in_time_is_stopped_and_recovered(spillway, fleet_home, reference):
     h = start(spillway, "run_name=H", "placement.clusters=[home]", "placement.drain_timeout_s=5")
-    wait_for(lambda: last_step(spillway, h) >= 15, what="H past step 15")
+    wait_for(lambda: last_step(fleet_home, h) >= 15, what="H past step 15", poll_s=0.05)
     hung = rank_pids(fleet_home, "home")
     try:
         for pid in hung:  # hung ranks: no step boundary, so no drain, ever
@@ -202,12 +202,12 @@ def test_a_drain_not_acknowledged_in_time_is_stopped_and_recovered(spillway, fle
     assert first["exit_reason"] == "attempt 1 did not acknowledge its drain within 5s"
     assert second["state"] == "SUCCEEDED" and second["first_step"] % 10 == 1
     assert second["steps_redone"] == first["last_step"] - second["first_step"] + 1
-    assert_losses_match(metrics(spillway, h), reference, SAME_WORLD)
+    assert_losses_match(metrics(spillway, h), reference.losses(), SAME_WORLD)
 
 
 def test_4_kill_9_of_the_partner_head_fails_over_home(spillway, fleet_home, reference):
     p = start(spillway, "run_name=P", "placement.clusters=[partner,home]")
-    wait_for(lambda: last_step(spillway, p) >= 15, what="P past step 15")
+    wait_for(lambda: last_step(fleet_home, p) >= 15, what="P past step 15", poll_s=0.05)
     killed_at = time.time()
     for pid in session_pids(cluster(fleet_home, "partner").session_id):
         os.kill(pid, signal.SIGKILL)
@@ -220,4 +220,4 @@ def test_4_kill_9_of_the_partner_head_fails_over_home(spillway, fleet_home, refe
     assert second["first_step"] % 10 == 1
     lost = next(e for e in info["events"] if e["to"] == "PENDING" and e["attempt"] == 1)
     print(f"partner lost {lost['at'] - killed_at:.1f}s after its head was killed")
-    assert_losses_match(metrics(spillway, p), reference, SAME_WORLD)
+    assert_losses_match(metrics(spillway, p), reference.losses(), SAME_WORLD)

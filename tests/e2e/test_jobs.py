@@ -15,7 +15,7 @@ from orchestrator.controller.service import actor_name
 from orchestrator.controller.state import ControllerState
 from orchestrator.fleet.local import LocalCluster
 from orchestrator.fleet.processes import session_pids
-from tests.e2e.faults import assert_losses_match, last_step, metrics, uninterrupted
+from tests.e2e.faults import Uninterrupted, assert_losses_match, last_step, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -32,13 +32,13 @@ def job(spillway, job_id: str) -> dict:
     return spillway.json("status", job_id)
 
 
-def wait_for(predicate, timeout_s: float = 120, what: str = "condition"):
+def wait_for(predicate, timeout_s: float = 120, what: str = "condition", poll_s: float = 0.5):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.5)
+        time.sleep(poll_s)
     raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
 
 
@@ -212,6 +212,7 @@ def test_a_job_moved_to_another_cluster_takes_its_checkpoint_along(spillway, fle
 
 def test_migrate_there_and_back_loses_no_step(spillway, fleet_home):
     """Fault matrix case 2: `spillway migrate` home -> partner and back."""
+    reference = Uninterrupted(fleet_home, 2, [*TINY, "trainer.max_steps=300"])
     g = launch(spillway, "trainer.max_steps=300", "run_name=G")
     wait_for(
         lambda: (a := job(spillway, g)["attempts"]) and a[0]["state"] == "RUNNING", what="G running"
@@ -219,7 +220,7 @@ def test_migrate_there_and_back_loses_no_step(spillway, fleet_home):
     source = job(spillway, g)["attempts"][0]["cluster"]
     target = "partner" if source == "home" else "home"
     assert spillway("migrate", g, "--to", "mars").returncode == 2
-    wait_for(lambda: last_step(spillway, g) >= 20, what="G past step 20")
+    wait_for(lambda: last_step(fleet_home, g) >= 20, what="G past step 20", poll_s=0.05)
     done = spillway("migrate", g, "--to", target)
     assert done.returncode == 0 and "DRAINING" in done.stdout, done.stderr
 
@@ -228,7 +229,7 @@ def test_migrate_there_and_back_loses_no_step(spillway, fleet_home):
         return len(attempts) == 2 and attempts[1]["state"] == "RUNNING"
 
     wait_for(running_there, what=f"G running on {target}")
-    wait_for(lambda: last_step(spillway, g) >= 120, what="G past step 120")
+    wait_for(lambda: last_step(fleet_home, g) >= 120, what="G past step 120", poll_s=0.05)
     assert spillway("migrate", g, "--to", source).returncode == 0
     assert spillway("wait", g, "--timeout", "240", timeout=300).returncode == 0
     info = job(spillway, g)
@@ -246,8 +247,7 @@ def test_migrate_there_and_back_loses_no_step(spillway, fleet_home):
     states = [e["to"] for e in info["events"] if e["to"]]
     move = ["DRAINING", "PENDING", "MIGRATING", "STARTING", "RUNNING"]
     assert states == ["PENDING", "STARTING", "RUNNING", *move, *move, "SUCCEEDED"]
-    reference = uninterrupted(fleet_home, 2, [*TINY, "trainer.max_steps=300"])
-    assert_losses_match(metrics(spillway, g), reference, 1e-5)
+    assert_losses_match(metrics(spillway, g), reference.losses(), 1e-5)
 
 
 def test_fleet_down_leaves_no_process(spillway, fleet_home):
