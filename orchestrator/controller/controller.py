@@ -10,6 +10,7 @@ verified, so a repeat copies nothing into use twice).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -36,7 +37,7 @@ from orchestrator.fleet.fleet import ClusterView
 from orchestrator.fleet.probe import ClusterHealth, probe
 from orchestrator.runtime.drain import request_drain
 from orchestrator.runtime.spec import AttemptSpec
-from orchestrator.scheduling import ClusterSnapshot, JobRequest, Placement, place
+from orchestrator.scheduling import ClusterSnapshot, Placement, place
 from orchestrator.tracking.metrics import last_metrics, read_metrics
 from recipes.common.drain import ACK_FILE
 
@@ -138,8 +139,7 @@ class Controller:
             owned = [c for c in accepted if c in clusters and clusters[c].kind == "owned"]
             if not owned:
                 continue
-            request = job_request(job)
-            request = JobRequest(**{**request.__dict__, "clusters": tuple(owned)})
+            request = dataclasses.replace(job_request(job), clusters=tuple(owned))
             decision = place([request], [self._snapshot(clusters[c]) for c in owned], now)[0]
             if isinstance(decision, Placement):
                 home = decision.cluster
