@@ -205,6 +205,27 @@ def test_a_drain_not_acknowledged_in_time_is_stopped_and_recovered(spillway, fle
     assert_losses_match(metrics(spillway, h), reference.losses(), SAME_WORLD)
 
 
+def test_a_lease_that_ends_without_warning_is_recovered_from(spillway, fleet_home, reference):
+    w = start(spillway, "run_name=W", "placement.clusters=[partner,home]")
+    wait_for(lambda: last_step(fleet_home, w) >= 15, what="W past step 15", poll_s=0.05)
+    record_path = fleet_home / "fleet" / "local" / "partner.json"
+    record = cluster(fleet_home, "partner")
+    agreed = record.lease_end
+    try:  # the partner cuts the lease short, and says nothing
+        record.lease_end = time.time() - 1
+        record.save(record_path)
+        info = finish(spillway, w)
+    finally:
+        record.lease_end = agreed
+        record.save(record_path)
+    first, second = info["attempts"]
+    assert (first["cluster"], first["state"]) == ("partner", "LOST")
+    assert first["exit_reason"] == "the lease on partner ended while attempt 1 ran"
+    assert (second["cluster"], second["state"]) == ("home", "SUCCEEDED")
+    assert second["first_step"] % 10 == 1 and info["restarts"] == 1
+    assert_losses_match(metrics(spillway, w), reference.losses(), SAME_WORLD)
+
+
 def test_4_kill_9_of_the_partner_head_fails_over_home(spillway, fleet_home, reference):
     p = start(spillway, "run_name=P", "placement.clusters=[partner,home]")
     wait_for(lambda: last_step(fleet_home, p) >= 15, what="P past step 15", poll_s=0.05)
