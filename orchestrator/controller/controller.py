@@ -38,6 +38,7 @@ from orchestrator.fleet.probe import ClusterHealth, probe
 from orchestrator.runtime.drain import request_drain
 from orchestrator.runtime.spec import AttemptSpec
 from orchestrator.scheduling import ClusterSnapshot, Placement, place
+from orchestrator.scheduling.preemption import Running, preemptions
 from orchestrator.tracking.metrics import last_metrics, read_metrics
 from recipes.common.drain import ACK_FILE
 
@@ -360,7 +361,10 @@ class Controller:
         if not pending:
             return
         snapshots = [self._snapshot(c) for c in clusters.values()]
-        for decision in place([job_request(j) for j in pending], snapshots, now):
+        decisions = place([job_request(j) for j in pending], snapshots, now)
+        if not any(isinstance(d, Placement) for d in decisions):
+            self._preempt(pending, snapshots, now)
+        for decision in decisions:
             if not isinstance(decision, Placement):
                 self.state.set_reason(decision.job_id, decision.reason, now)
                 continue
@@ -372,6 +376,42 @@ class Controller:
             else:
                 resumed = sources[0].step if sources else None
                 self._start(job, target, decision.world_size, now, resumed)
+
+    def _preempt(self, pending: list[JobRecord], snapshots: list, now: float) -> None:
+        """Drain lower-priority jobs where a waiting job of higher priority would then fit.
+
+        Only on a tick that placed nothing, and never while any job drains: the snapshots would
+        not show the devices already on their way back.
+        """
+        if self.state.list_jobs({JobState.DRAINING}):
+            return
+        running = []
+        for attempt in self.state.active_attempts():
+            job = self._job(attempt.job_id)
+            if job.state == JobState.RUNNING:
+                started = attempt.started_at or attempt.created_at
+                running.append(
+                    Running(job.job_id, attempt.cluster, attempt.world_size, job.priority, started)
+                )
+        if not running:
+            return
+        waiting = [job_request(j) for j in pending]
+        for plan in preemptions(waiting, running, snapshots, now):
+            winner = self._job(plan.job_id)
+            for victim_id in plan.victims:
+                victim = self._job(victim_id)
+                cause = (
+                    f"preempted on {plan.cluster} by {winner.job_id} (priority {winner.priority} "
+                    f"over {victim.priority}); back to the queue with its checkpoint"
+                )
+                attempt = self.state.latest_attempt(victim_id)
+                self._settle(victim_id, JobState.DRAINING, cause, now, attempt.attempt)
+            self.state.add_event(
+                winner.job_id,
+                "preempt",
+                f"draining {', '.join(plan.victims)} on {plan.cluster} to make room",
+                now,
+            )
 
     def _sources(
         self, job: JobRecord, target: ClusterView, clusters: dict[str, ClusterView]

@@ -91,17 +91,43 @@ def test_first_launch_starts_the_fleet_spills_the_second_job_and_brings_it_home(
     assert a in table and b in table and "SUCCEEDED" in table
 
 
-def test_cancel_stops_the_ray_job_and_frees_its_devices(spillway, fleet_home):
-    c = launch(spillway, "trainer.max_steps=5000", "run_name=C")
+def test_preemption_then_cancel_stops_the_ray_job_and_frees_its_devices(spillway, fleet_home):
+    c = launch(spillway, "trainer.max_steps=5000", "run_name=C", "placement.clusters=[home]")
     wait_for(lambda: job(spillway, c)["state"] == "RUNNING", what="C running")
-    ray_job_id = job(spillway, c)["attempts"][0]["ray_job_id"]
+    # A job of higher priority that only home will do: C drains for it, and waits.
+    p = launch(
+        spillway,
+        "trainer.max_steps=30",
+        "run_name=P",
+        "placement.clusters=[home]",
+        "placement.priority=5",
+    )
+    assert spillway("wait", p, "--timeout", "240", timeout=300).returncode == 0
+    assert [(a["cluster"], a["state"]) for a in job(spillway, p)["attempts"]] == [
+        ("home", "SUCCEEDED")
+    ]
+
+    def resumed():
+        attempts = job(spillway, c)["attempts"]
+        return len(attempts) == 2 and attempts[1]["state"] == "RUNNING" and attempts
+
+    first, _ = wait_for(resumed, what="C back on home after P")
+    info = job(spillway, c)
+    assert first["state"] == "DRAINED"
+    assert (
+        f"preempted on home by {p} (priority 5 over 0); back to the queue with its checkpoint"
+        in [e["cause"] for e in info["events"]]
+    )
+    second = wait_for(lambda: (a := job(spillway, c)["attempts"][1])["first_step"] and a)
+    assert second["first_step"] == first["last_step"] + 1, "a preemption loses no step"
+    ray_job_id = second["ray_job_id"]
 
     done = spillway("cancel", c)
     assert done.returncode == 0 and "CANCELLED" in done.stdout
     attempt = wait_for(
         lambda: (
-            job(spillway, c)["attempts"][0]["state"] == "STOPPED"
-            and job(spillway, c)["attempts"][0]
+            job(spillway, c)["attempts"][1]["state"] == "STOPPED"
+            and job(spillway, c)["attempts"][1]
         )
     )
     assert attempt["exit_reason"] == "cancelled by the user"

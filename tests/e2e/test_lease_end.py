@@ -10,7 +10,7 @@ from tests.e2e.test_jobs import TINY, job, launch
 
 pytestmark = pytest.mark.slow
 
-CROSS_WORLD = 1e-4
+CROSS_WORLD = 1e-5  # measured: 2.4e-7 over 400 steps, 4 ranks then 2
 
 
 def test_job_leaves_the_lease_before_it_ends_and_continues_at_home(spillway, fleet_home):
