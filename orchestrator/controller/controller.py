@@ -66,6 +66,7 @@ class Controller:
         self._copies: dict[tuple[str, int], threading.Thread] = {}
         self._unreachable_since: dict[str, float] = {}
         self._health: dict[str, ClusterHealth] = {}  # this tick's probes
+        self._backends: dict[tuple, RayJobsBackend] = {}
 
     def clusters(self) -> dict[str, ClusterView]:
         return {v.name: v for v in fleet_mod.resolve(self.fleet_cfg, self.state_dir)}
@@ -75,6 +76,15 @@ class Controller:
         if job is None:
             raise KeyError(f"no job {job_id}")
         return job
+
+    def _backend(self, cluster: ClusterView) -> RayJobsBackend:
+        """One Jobs API client per cluster address and token, kept across ticks: making one
+        costs an HTTP round trip. A cluster that stops answering gets a fresh one."""
+        key = (cluster.name, cluster.dashboard_url, cluster.token)
+        if key not in self._backends:
+            self._backends = {k: v for k, v in self._backends.items() if k[0] != cluster.name}
+            self._backends[key] = RayJobsBackend(cluster)
+        return self._backends[key]
 
     def _probe(self, cluster: ClusterView) -> ClusterHealth:
         if cluster.name not in self._health:
@@ -159,13 +169,14 @@ class Controller:
             self._stop_cancelled(job, attempt, cluster, health, now)
             return
         if not health.reachable:
+            self._backends = {k: v for k, v in self._backends.items() if k[0] != cluster.name}
             since = self._unreachable_since.setdefault(cluster.name, now)
             if now - since >= float(self.fleet_cfg.get("lost_after_s", 10.0)):
                 what = f"{cluster.name} unreachable for {now - since:.0f}s ({health.error})"
                 self._lose(job, attempt, cluster, what, now, cluster_lost=True)
             return
         self._unreachable_since.pop(cluster.name, None)
-        backend = RayJobsBackend(cluster)
+        backend = self._backend(cluster)
         if cluster.kind == "leased" and cluster.lease_end is not None and now >= cluster.lease_end:
             if attempt.ray_job_id:
                 backend.stop(attempt.ray_job_id)  # the partner would kill it; do it in order
@@ -209,7 +220,7 @@ class Controller:
     def _stop_cancelled(self, job, attempt, cluster, health, now) -> None:
         """The user's cancel is recorded; make the cluster match it."""
         if health.reachable and attempt.ray_job_id:
-            backend = RayJobsBackend(cluster)
+            backend = self._backend(cluster)
             if not backend.status(attempt.ray_job_id).is_terminal():
                 backend.stop(attempt.ray_job_id)
         self.state.update_attempt(
@@ -597,7 +608,7 @@ class Controller:
 
     def _hand_over(self, job, cluster, attempt, now) -> None:
         try:
-            ray_job_id = RayJobsBackend(cluster).submit(self._spec(job, cluster, attempt))
+            ray_job_id = self._backend(cluster).submit(self._spec(job, cluster, attempt))
         except Exception as exc:
             self.state.update_attempt(
                 job.job_id,

@@ -16,7 +16,12 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from orchestrator.fleet.leases import resolve_time
-from orchestrator.fleet.local import LocalCluster, start_local_cluster, stop_local_cluster
+from orchestrator.fleet.local import (
+    LocalCluster,
+    free_ports,
+    start_local_cluster,
+    stop_local_cluster,
+)
 from orchestrator.fleet.tokens import read_token
 
 
@@ -105,27 +110,43 @@ def up(fleet: DictConfig, state_dir: str) -> dict[str, str]:
     """Start the local clusters that are not running; returns what happened to each cluster."""
     fdir = fleet_dir(state_dir, fleet.name)
     anchor = _anchor(fdir, create=True)
-    outcome = {}
+    outcome, to_start = {}, []
     for name, c in fleet.clusters.items():
         if not c.local:
             outcome[name] = "remote"
             continue
-        record_path = fdir / f"{name}.json"
-        rec = LocalCluster.load(record_path)
+        rec = LocalCluster.load(fdir / f"{name}.json")
         if rec is not None and rec.is_running():
             outcome[name] = "running"
             continue
         if rec is not None:
             stop_local_cluster(rec)  # leftovers of a half-dead cluster
+        to_start.append((name, c))
+    # Ports for all of them from one pick, so clusters started side by side cannot collide.
+    ports = free_ports(4 * len(to_start))
+
+    def start(i: int, name: str, c) -> LocalCluster:
         num_cpus = c.num_cpus if c.num_cpus is not None else max(4, 2 * c.devices)
-        temp_dir = Path(state_dir) / "ray" / name
         rec = start_local_cluster(
-            name, c.devices, c.device_resource, num_cpus, fdir / name, temp_dir
+            name,
+            c.devices,
+            c.device_resource,
+            num_cpus,
+            fdir / name,
+            Path(state_dir) / "ray" / name,
+            ports[4 * i : 4 * i + 4],
         )
         # A cluster started later than the others still counts its lease from the fleet's start.
         rec.lease_start = resolve_time(c.lease_start, anchor)
         rec.lease_end = resolve_time(c.lease_end, anchor)
-        rec.save(record_path)
+        rec.save(fdir / f"{name}.json")
+        return rec
+
+    # Side by side: each `ray start` spends most of its seconds waiting on its own daemons.
+    with ThreadPoolExecutor(max_workers=max(1, len(to_start))) as pool:
+        starting = [pool.submit(start, i, name, c) for i, (name, c) in enumerate(to_start)]
+    for (name, _), done in zip(to_start, starting, strict=True):
+        done.result()  # the first failure is raised; the clusters that started stay recorded
         outcome[name] = "started"
     return outcome
 

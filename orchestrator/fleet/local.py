@@ -61,8 +61,11 @@ class LocalCluster:
             return None
 
 
-def _free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on loopback, outside Ray's default worker range 10002-19999."""
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on loopback, outside Ray's default worker range 10002-19999.
+
+    Clusters started side by side must get theirs from one call: ports picked in separate
+    calls may repeat once the probing sockets are closed."""
     ports: list[int] = []
     socks = []
     while len(ports) < n:
@@ -98,9 +101,18 @@ MAX_TEMP_DIR_LEN = 107 - 72
 
 
 def start_local_cluster(
-    name: str, devices: int, device_resource: str, num_cpus: int, cluster_dir: Path, temp_dir: Path
+    name: str,
+    devices: int,
+    device_resource: str,
+    num_cpus: int,
+    cluster_dir: Path,
+    temp_dir: Path,
+    ports: list[int] | None = None,
 ) -> LocalCluster:
-    """Start a Ray head for cluster `name` and wait until it accepts connections."""
+    """Start a Ray head for cluster `name` and wait until it accepts connections.
+
+    `ports` (GCS, dashboard, agent, client) must differ from every other cluster's; by default
+    four free ones are picked here."""
     if len(str(temp_dir)) > MAX_TEMP_DIR_LEN:
         raise ValueError(
             f"Ray temp dir {temp_dir} is {len(str(temp_dir))} characters; Ray's socket paths need "
@@ -109,7 +121,7 @@ def start_local_cluster(
     cluster_dir.mkdir(parents=True, exist_ok=True)
     token_path = new_token_file(cluster_dir / "token")
     temp_dir.mkdir(parents=True, exist_ok=True)
-    gcs, dashboard, agent, client = _free_ports(4)
+    gcs, dashboard, agent, client = ports if ports is not None else free_ports(4)
     log_path = cluster_dir / "ray-start.log"
     cmd = [
         sys.executable, "-m", "ray.scripts.scripts", "start", "--head",
