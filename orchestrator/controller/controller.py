@@ -46,8 +46,6 @@ log = logging.getLogger("spillway.controller")
 
 __all__ = ["Controller", "attempt_dir", "checkpoints_url"]
 
-# Seconds between progress writes of a checkpoint copy: enough for a live bar, few writes.
-COPY_PROGRESS_EVERY_S = 0.5
 # How long placement waits for a copy before leaving it to its thread and the next ticks.
 COPY_INLINE_WAIT_S = 1.0
 
@@ -515,27 +513,14 @@ class Controller:
         attempt = next(a for a in self.state.attempts(job_id) if a.attempt == number)
         clusters = self.clusters()
         target = clusters[attempt.cluster]
-        last_write = 0.0
-
-        def progress(done: int, total: int) -> None:
-            nonlocal last_write
-            if time.monotonic() - last_write >= COPY_PROGRESS_EVERY_S or done == total:
-                last_write = time.monotonic()
-                self.state.update_attempt(
-                    job_id, number, copy_bytes_done=done, copy_bytes_total=total
-                )
-
-        def event(cause: str) -> None:
-            self.state.add_event(job_id, "migrate", cause, time.time(), number)
-
         limit = _placement(job)["copy_limit_mb_s"]
         try:
-            brought = migration.bring(
+            migration.copy_for_attempt(
+                self.state,
+                job_id,
+                number,
                 self._sources(job, target, clusters),
                 target,
-                job_id,
-                event,
-                progress,
                 limit * 1e6 if limit else None,
             )
         except Exception as exc:  # the copy failed after its retries: a fault like any other
@@ -546,32 +531,6 @@ class Controller:
                     job_id, number, state=AttemptState.FAILED, ended_at=now, exit_reason=what
                 )
                 self._recover(self._job(job_id), attempt, target, what, now, cluster_lost=False)
-            return
-        now = time.time()
-        src = brought.source
-        if src is None:
-            event(f"no checkpoint verifies anywhere; attempt {number} starts from step 0")
-        elif src.cluster == target.name:
-            event(f"checkpoint step {src.step} is already on {target.name}, verified")
-        else:
-            url = checkpoints_url(target, job_id)
-            self.state.record_checkpoint(
-                job_id, src.step, target.name, url, brought.bytes, True, now
-            )
-            rate = brought.bytes / brought.seconds / 1e6 if brought.seconds > 0 else 0.0
-            event(
-                f"copied checkpoint step {src.step} from {src.cluster} to {target.name}: "
-                f"{brought.bytes} bytes in {brought.seconds:.2f}s ({rate:.1f} MB/s), verified"
-            )
-        self.state.update_attempt(
-            job_id,
-            number,
-            copy_step=src.step if src else None,
-            resumed_from_step=src.step if src else None,
-            copy_bytes_done=brought.bytes,
-            copy_bytes_total=brought.bytes,
-            copy_s=brought.seconds,
-        )
 
     # ---- submitting ---------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ since the checkpoint before it and nothing more.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -17,9 +18,13 @@ from orchestrator.checkpoint.manifest import CheckpointInvalid, verify
 from orchestrator.checkpoint.storage import open_root
 from orchestrator.checkpoint.transfer import Progress, copy_checkpoint
 from orchestrator.controller.paths import checkpoints_url
+from orchestrator.controller.state import ControllerState
 from orchestrator.fleet.fleet import ClusterView
 
 log = logging.getLogger("spillway.controller")
+
+# Seconds between progress writes of a checkpoint copy: enough for a live bar, few writes.
+COPY_PROGRESS_EVERY_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -98,3 +103,52 @@ def committed_sizes(view: ClusterView, job_id: str) -> dict[int, int]:
             continue
         sizes[step] = sum(f["size"] for f in doc["files"])
     return sizes
+
+
+def copy_for_attempt(
+    state: ControllerState,
+    job_id: str,
+    number: int,
+    sources: list[Source],
+    target: ClusterView,
+    limit_bytes_per_s: float | None,
+) -> None:
+    """Bring the checkpoint for PREPARING attempt `number` and record it: progress while it
+    runs, an event for what was copied or passed over, and, last, `copy_s` on the attempt,
+    which is what tells the controller the attempt may start. Raises if the copy failed."""
+    last_write = 0.0
+
+    def progress(done: int, total: int) -> None:
+        nonlocal last_write
+        if time.monotonic() - last_write >= COPY_PROGRESS_EVERY_S or done == total:
+            last_write = time.monotonic()
+            state.update_attempt(job_id, number, copy_bytes_done=done, copy_bytes_total=total)
+
+    def event(cause: str) -> None:
+        state.add_event(job_id, "migrate", cause, time.time(), number)
+
+    brought = bring(sources, target, job_id, event, progress, limit_bytes_per_s)
+    src = brought.source
+    if src is None:
+        event(f"no checkpoint verifies anywhere; attempt {number} starts from step 0")
+    elif src.cluster == target.name:
+        event(f"checkpoint step {src.step} is already on {target.name}, verified")
+    else:
+        url = checkpoints_url(target, job_id)
+        state.record_checkpoint(
+            job_id, src.step, target.name, url, brought.bytes, True, time.time()
+        )
+        rate = brought.bytes / brought.seconds / 1e6 if brought.seconds > 0 else 0.0
+        event(
+            f"copied checkpoint step {src.step} from {src.cluster} to {target.name}: "
+            f"{brought.bytes} bytes in {brought.seconds:.2f}s ({rate:.1f} MB/s), verified"
+        )
+    fields = dict(
+        copy_step=src.step if src else None,
+        resumed_from_step=src.step if src else None,
+        copy_s=brought.seconds,
+    )
+    if src is not None and src.cluster != target.name:
+        # Only a copy made now sets the bytes: a repeat after a restart keeps the first's.
+        fields.update(copy_bytes_done=brought.bytes, copy_bytes_total=brought.bytes)
+    state.update_attempt(job_id, number, **fields)

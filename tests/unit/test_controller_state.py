@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.controller import schema
 from orchestrator.controller import state as state_module
 from orchestrator.controller.job_states import (
     ALLOWED,
@@ -60,7 +61,7 @@ def test_schema_created_and_wal_on(st: ControllerState, db: Path) -> None:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         assert {"jobs", "attempts", "events", "checkpoints", "schema_version"} <= tables
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [
-            (state_module.SCHEMA_VERSION,)
+            (schema.SCHEMA_VERSION,)
         ]
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
@@ -240,7 +241,7 @@ def test_a_version_1_state_file_is_upgraded_in_place(db: Path) -> None:
         job = _job(st)
         st.add_attempt(job.job_id, "owned-a", 2, T0 + 1)
     added: dict[str, set[str]] = {}
-    for upgrade in state_module._UPGRADES[2]:
+    for upgrade in schema._UPGRADES[2]:
         table, column = upgrade.split()[2], upgrade.split(" ADD COLUMN ")[1].split()[0]
         added.setdefault(table, set()).add(column)
     with sqlite3.connect(db) as conn:  # what spillway 0.1 wrote: version 1, no new columns
@@ -258,7 +259,7 @@ def test_a_version_1_state_file_is_upgraded_in_place(db: Path) -> None:
         st.count_restart(job.job_id)
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT version FROM schema_version").fetchall() == [
-            (state_module.SCHEMA_VERSION,)
+            (schema.SCHEMA_VERSION,)
         ]
 
 
