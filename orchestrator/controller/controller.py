@@ -64,10 +64,15 @@ class Controller:
         self._copies: dict[tuple[str, int], threading.Thread] = {}
         self._unreachable_since: dict[str, float] = {}
         self._health: dict[str, ClusterHealth] = {}  # this tick's probes
-        self._backends: dict[tuple, RayJobsBackend] = {}
+        # Per cluster: the (address, token) a Jobs API client was made for, and the client.
+        self._backends: dict[str, tuple[tuple, RayJobsBackend]] = {}
 
     def clusters(self) -> dict[str, ClusterView]:
         return {v.name: v for v in fleet_mod.resolve(self.fleet_cfg, self.state_dir)}
+
+    def _order(self, job: JobRecord) -> list[str]:
+        """The clusters the job accepts, in its order, else the fleet's."""
+        return list(job.clusters) or list(self.fleet_cfg.clusters)
 
     def _job(self, job_id: str) -> JobRecord:
         job = self.state.get_job(job_id)
@@ -78,11 +83,11 @@ class Controller:
     def _backend(self, cluster: ClusterView) -> RayJobsBackend:
         """One Jobs API client per cluster address and token, kept across ticks: making one
         costs an HTTP round trip. A cluster that stops answering gets a fresh one."""
-        key = (cluster.name, cluster.dashboard_url, cluster.token)
-        if key not in self._backends:
-            self._backends = {k: v for k, v in self._backends.items() if k[0] != cluster.name}
-            self._backends[key] = RayJobsBackend(cluster)
-        return self._backends[key]
+        key = (cluster.dashboard_url, cluster.token)
+        cached = self._backends.get(cluster.name)
+        if cached is None or cached[0] != key:
+            cached = self._backends[cluster.name] = (key, RayJobsBackend(cluster))
+        return cached[1]
 
     def _probe(self, cluster: ClusterView) -> ClusterHealth:
         if cluster.name not in self._health:
@@ -144,7 +149,7 @@ class Controller:
                 or not _placement(job)["return_home"]
             ):
                 continue
-            accepted = job.clusters or list(clusters)
+            accepted = self._order(job)
             owned = [c for c in accepted if c in clusters and clusters[c].kind == "owned"]
             if not owned:
                 continue
@@ -167,9 +172,9 @@ class Controller:
             self._stop_cancelled(job, attempt, cluster, health, now)
             return
         if not health.reachable:
-            self._backends = {k: v for k, v in self._backends.items() if k[0] != cluster.name}
+            self._backends.pop(cluster.name, None)
             since = self._unreachable_since.setdefault(cluster.name, now)
-            if now - since >= float(self.fleet_cfg.get("lost_after_s", 10.0)):
+            if now - since >= self.fleet_cfg.lost_after_s:
                 what = f"{cluster.name} unreachable for {now - since:.0f}s ({health.error})"
                 self._lose(job, attempt, cluster, what, now, cluster_lost=True)
             return
@@ -252,7 +257,7 @@ class Controller:
                 ack = self._ack(cluster, job.job_id, attempt.attempt)
                 why = f" ({ack.get('reason', 'SIGTERM')})"
                 fields["interrupted_at"] = attempt.interrupted_at or ack.get("at", now)
-                order = job.clusters or list(self.clusters())
+                order = self._order(job)
                 moved = [c for c in order if c != cluster.name] + [cluster.name]
                 self.state.set_next_clusters(job.job_id, moved)
             self.state.update_attempt(
@@ -298,7 +303,7 @@ class Controller:
     def _recover(self, job, attempt, cluster, what: str, now: float, cluster_lost: bool) -> None:
         placement = _placement(job)
         restarts = self.state.count_restart(job.job_id)
-        order = job.clusters or list(self.clusters())
+        order = self._order(job)
         plan = recover(
             placement["recovery"],
             cluster.name,
@@ -461,7 +466,7 @@ class Controller:
         # A small checkpoint is across in well under a tick: start it now rather than next tick.
         copying.join(timeout=COPY_INLINE_WAIT_S)
         if not copying.is_alive():
-            again = next(a for a in self.state.attempts(job.job_id) if a.attempt == attempt.attempt)
+            again = self.state.get_attempt(job.job_id, attempt.attempt)
             if again.state == AttemptState.PREPARING:
                 self._advance_copy(again, {target.name: target}, now)
 
@@ -510,7 +515,7 @@ class Controller:
     def _copy(self, job_id: str, number: int) -> None:
         """On its own thread, so a long copy never stalls the loop; the loop submits after."""
         job = self._job(job_id)
-        attempt = next(a for a in self.state.attempts(job_id) if a.attempt == number)
+        attempt = self.state.get_attempt(job_id, number)
         clusters = self.clusters()
         target = clusters[attempt.cluster]
         limit = _placement(job)["copy_limit_mb_s"]

@@ -458,6 +458,14 @@ class ControllerState:
         rows = self._read("SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt", (job_id,))
         return [_attempt(r) for r in rows]
 
+    def get_attempt(self, job_id: str, attempt: int) -> AttemptRecord:
+        rows = self._read(
+            "SELECT * FROM attempts WHERE job_id = ? AND attempt = ?", (job_id, attempt)
+        )
+        if not rows:
+            raise JobNotFound(f"{job_id} attempt {attempt}")
+        return _attempt(rows[0])
+
     def latest_attempt(self, job_id: str) -> AttemptRecord | None:
         rows = self._read(
             "SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt DESC LIMIT 1", (job_id,)

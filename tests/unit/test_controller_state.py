@@ -207,6 +207,9 @@ def test_attempts_numbering_active_and_devices(st: ControllerState) -> None:
         st.update_attempt(a.job_id, 2, cluster="elsewhere")
     with pytest.raises(ValueError):
         st.update_attempt(a.job_id, 2, state="BOGUS")
+    assert st.get_attempt(a.job_id, 2) == st.attempts(a.job_id)[1]
+    with pytest.raises(JobNotFound):
+        st.get_attempt(a.job_id, 9)
     with pytest.raises(JobNotFound):
         st.update_attempt(a.job_id, 9, state=AttemptState.LOST)
     with pytest.raises(JobNotFound):
