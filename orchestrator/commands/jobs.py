@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from orchestrator.commands.common import Refused
 from orchestrator.config import ConfigError, compose_run, spillway_home, validate
 from orchestrator.console import duration, table
-from orchestrator.controller.job_states import TERMINAL, JobState
+from orchestrator.controller.job_states import TERMINAL, AttemptState, JobState
 from orchestrator.controller.jobs import allowed_world_sizes, job_record, job_request
 from orchestrator.controller.paths import attempt_dir
 from orchestrator.controller.requests import cancel_job, migrate_job, resume_job, submit_job
@@ -196,7 +196,7 @@ def follow(job_id: str, max_steps: int, timeout_s: float | None) -> int:
                     )
                     bar.refresh()
                 attempt = state.latest_attempt(job_id)
-                if attempt and attempt.state.value == "PREPARING" and attempt.copy_bytes_total:
+                if attempt and attempt.state == AttemptState.PREPARING and attempt.copy_bytes_total:
                     if copy_bar is None:
                         copy_bar = tqdm(
                             total=attempt.copy_bytes_total, desc=f"checkpoint to {attempt.cluster}",

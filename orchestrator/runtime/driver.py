@@ -2,7 +2,7 @@
 
 It reserves the whole gang as one placement group (all ranks or none), starts one rank actor
 per device, and waits. If any rank fails, the others are stopped at once rather than left to
-hang in a collective, and the driver exits non-zero: EXIT_RANK_LOST when a rank's process died
+hang in a collective, and the driver exits non-zero: exit_codes.RANK_LOST when a rank's process died
 (a fault the controller recovers from), 2 for a bad config, 1 for any other exception.
 
     SPILLWAY_ATTEMPT_SPEC='{...}' python -m orchestrator.runtime.driver
@@ -19,10 +19,11 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from orchestrator import exit_codes
 from orchestrator.config.errors import ConfigError
 from orchestrator.runtime.drain import request_drain
 from orchestrator.runtime.rank import RankActor
-from orchestrator.runtime.spec import EXIT_DRAINED, EXIT_NO_CAPACITY, EXIT_RANK_LOST, AttemptSpec
+from orchestrator.runtime.spec import AttemptSpec
 
 # How long the other ranks get to report after one fails.
 RANK_FAILURE_GRACE_S = 10.0
@@ -45,7 +46,7 @@ def _error_of(ref: ray.ObjectRef) -> Exception | None:
 def exit_code_for(errors: list[Exception]) -> int:
     """A dead rank process is a fault (retried); an exception the recipe raised is the job's own."""
     if any(isinstance(e, RayActorError) for e in errors):
-        return EXIT_RANK_LOST
+        return exit_codes.RANK_LOST
     causes = [e.cause if isinstance(e, RayTaskError) else e for e in errors]
     if any(isinstance(c, ConfigError) for c in causes):
         return 2  # as the recipe exits on a bad config
@@ -67,7 +68,7 @@ def run_attempt(spec: AttemptSpec) -> int:
             file=sys.stderr,
         )
         remove_placement_group(pg)
-        return EXIT_NO_CAPACITY
+        return exit_codes.NO_CAPACITY
     print(
         f"spillway: reserved {spec.world_size} device(s) in {time.monotonic() - began:.2f}s",
         flush=True,
@@ -96,7 +97,9 @@ def run_attempt(spec: AttemptSpec) -> int:
             continue
         try:
             if ray.get(done[0])["drained"]:
-                code = EXIT_DRAINED  # all ranks agreed to drain; the others return drained too
+                code = (
+                    exit_codes.DRAINED
+                )  # all ranks agreed to drain; the others return drained too
         except Exception as first:
             # The ranks still in a collective with the failed one fail within moments; hear
             # them out, so that one rank's death is told apart from a bug that raised.

@@ -6,14 +6,7 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 
-from orchestrator import exit_codes
-
 SPEC_ENV = "SPILLWAY_ATTEMPT_SPEC"
-
-# Driver exit codes the controller tells apart from a training failure.
-EXIT_NO_CAPACITY = exit_codes.NO_CAPACITY
-EXIT_RANK_LOST = exit_codes.RANK_LOST
-EXIT_DRAINED = exit_codes.DRAINED
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import pytest
 from orchestrator.backends.ray_jobs import RayJobsBackend
 from orchestrator.controller.service import actor_name
 from orchestrator.controller.state import ControllerState
-from orchestrator.fleet.local import LocalCluster
 from orchestrator.fleet.processes import session_pids
+from tests.e2e.faults import cluster
 
 pytestmark = pytest.mark.slow
 
@@ -45,10 +45,6 @@ def wait_for(predicate, timeout_s: float = 120, what: str = "condition", poll_s:
 def controller_beat(home) -> tuple[int, float, float] | None:
     with ControllerState.open(home / "controller.db") as state:
         return state.last_heartbeat(actor_name("local"))
-
-
-def cluster(home, name: str) -> LocalCluster:
-    return LocalCluster.load(home / "fleet" / "local" / f"{name}.json")
 
 
 def test_first_launch_starts_the_fleet_spills_the_second_job_and_brings_it_home(

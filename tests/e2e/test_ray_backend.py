@@ -9,8 +9,9 @@ import pytest
 
 from orchestrator.backends.ray_jobs import RayJobsBackend
 from orchestrator.config import compose_run
+from orchestrator.exit_codes import NO_CAPACITY
 from orchestrator.fleet import fleet as fleet_mod
-from orchestrator.runtime.spec import EXIT_NO_CAPACITY, AttemptSpec
+from orchestrator.runtime.spec import AttemptSpec
 from orchestrator.tracking.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -83,7 +84,7 @@ def test_a_gang_that_cannot_be_reserved_fails_with_its_own_exit_code(clusters):
     ray_job_id = home.submit(spec)
     assert str(wait_terminal(home, ray_job_id)) == "FAILED"
     info = home.client.get_job_info(ray_job_id)
-    assert f"exit code {EXIT_NO_CAPACITY}" in (info.message or ""), info.message
+    assert f"exit code {NO_CAPACITY}" in (info.message or ""), info.message
     assert "could not reserve 3 x spillway_device" in home.logs(ray_job_id)
 
 
