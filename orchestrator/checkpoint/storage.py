@@ -7,17 +7,23 @@ spells it (no protocol prefix), which is what :func:`open_root` returns.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import fsspec
 
 
-def open_root(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Resolve a storage URL (``s3://b/x``, ``memory://x``) or a plain local path."""
+def open_root(
+    url: str, storage_options: dict[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Resolve a storage URL (``s3://b/x``, ``memory://x``) or a plain local path.
+
+    ``storage_options`` go to the filesystem (an endpoint, credentials); without them a
+    store is opened the way its library finds them itself (AWS_* variables for S3)."""
     if "://" not in url and "::" not in url:
         # A relative path would silently depend on each worker's cwd, which differs
         # between the launcher and Ray actors; pin it down once, here.
         url = os.path.abspath(os.path.expanduser(url))
-    fs, path = fsspec.core.url_to_fs(url)
+    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     # Trailing slashes would make string-built child paths inconsistent with what
     # fs.ls/fs.find return, breaking prefix-based relativisation.
     return fs, path.rstrip("/") or "/"

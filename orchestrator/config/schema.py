@@ -7,6 +7,7 @@ of the wrong type is refused at composition, before any process starts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -119,6 +120,12 @@ class ClusterConfig:
     # The Ray resource one rank asks for: GPU on a GPU cluster, a custom one on a CPU fleet.
     device_resource: str = "spillway_device"
     storage_root: str = MISSING
+    # fsspec options for storage_root that are not secret, e.g. {endpoint_url: ...} for S3.
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    # Secret fsspec options (e.g. {"key": ..., "secret": ...}) as a JSON object, read from a
+    # file or an environment variable when the store is opened: never part of a run config.
+    storage_credentials_file: str | None = None
+    storage_credentials_env: str | None = None
     cost_per_device_hour: float = 0.0
     # Lease window: ISO-8601 times, or offsets from `fleet up` such as +0s, +30m, +2h.
     lease_start: str | None = None
@@ -127,8 +134,23 @@ class ClusterConfig:
 
 
 @dataclass
+class ControllerConfig:
+    """Where the controller's HTTP API listens and how clients reach it."""
+
+    # What clients connect to; null means http://host:port (the local fleet records its own).
+    url: str | None = None
+    host: str = "127.0.0.1"
+    port: int | None = None  # null: the local fleet picks a free port at `fleet up`
+    token_path: str | None = None  # a file holding the API's bearer token
+    token_env: str | None = None  # or an environment variable holding it
+    # Send the token over plain http to a host that is not loopback (refused otherwise).
+    insecure_http: bool = False
+
+
+@dataclass
 class FleetConfig:
     name: str = "local"
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
     # In order of preference: home first.
     clusters: dict[str, ClusterConfig] = field(default_factory=dict)
     # A cluster whose dashboard has not answered for this long is lost: its jobs recover elsewhere.

@@ -41,6 +41,8 @@ class ClusterView:
     lease_start: float | None
     lease_end: float | None
     running: bool  # a local cluster's processes are alive (remote clusters: assumed)
+    # fsspec options for storage_root, credentials included: never logged or stored.
+    storage_options: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 def fleet_dir(state_dir: str, fleet_name: str) -> Path:
