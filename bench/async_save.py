@@ -59,13 +59,15 @@ def worker(argv: list[str]) -> None:
 
     device = init_distributed("cpu", 600)
     rank = dist.get_rank()
-    args = ModelArgs(**yaml.safe_load((REPO / "conf" / "model" / f"{a.model}.yaml").read_text()))
+    args = ModelArgs(
+        **yaml.safe_load((REPO / "orchestrator" / "conf" / "model" / f"{a.model}.yaml").read_text())
+    )
     with torch.device(device):
         model = Transformer(args)
     model.init_weights(seed=0)
     model = parallelize(model, build_mesh("cpu"), "fp32", False, False)
     optim_cfg = SimpleNamespace(
-        **yaml.safe_load((REPO / "conf" / "optim" / "adamw.yaml").read_text())
+        **yaml.safe_load((REPO / "orchestrator" / "conf" / "optim" / "adamw.yaml").read_text())
     )
     optimizer = build_optimizer(model, optim_cfg)
 

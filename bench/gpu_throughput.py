@@ -76,7 +76,9 @@ def bare_main(argv: list[str], device_type: str = "cuda") -> None:
 
     device = init_distributed(device_type, 1800)
     world = dist.get_world_size()
-    args = ModelArgs(**yaml.safe_load((REPO / "conf" / "model" / f"{a.model}.yaml").read_text()))
+    args = ModelArgs(
+        **yaml.safe_load((REPO / "orchestrator" / "conf" / "model" / f"{a.model}.yaml").read_text())
+    )
     with torch.device(device):
         model = Transformer(args)
     model.init_weights(seed=0)

@@ -72,7 +72,9 @@ def bare_main(argv: list[str]) -> None:
 
     device = init_distributed("cpu", 600)
     rank, world = dist.get_rank(), dist.get_world_size()
-    args = ModelArgs(**yaml.safe_load((REPO / "conf" / "model" / f"{a.model}.yaml").read_text()))
+    args = ModelArgs(
+        **yaml.safe_load((REPO / "orchestrator" / "conf" / "model" / f"{a.model}.yaml").read_text())
+    )
     with torch.device(device):
         model = Transformer(args)
     model.init_weights(seed=0)

@@ -18,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 from orchestrator.config import schema
 from orchestrator.config.errors import ConfigError
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PRIMARY = "train"
 
 

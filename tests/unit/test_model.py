@@ -21,7 +21,7 @@ from recipes.gpt.model import (
     precompute_rope,
 )
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
+CONF_DIR = Path(__file__).resolve().parents[2] / "orchestrator" / "conf" / "model"
 TINY = ModelArgs(
     name="tiny",
     dim=64,
