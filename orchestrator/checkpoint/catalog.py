@@ -1,8 +1,11 @@
 """The set of checkpoints under one storage root, and how one becomes committed.
 
-Layout: ``<root>/step-NNNNNNNNN.tmp/`` while being written, ``<root>/step-NNNNNNNNN/``
-once committed. There is deliberately no "latest" pointer file: a pointer can be
-updated before (or without) the data it points to, so readers scan and verify instead.
+On a local disk: ``<root>/step-NNNNNNNNN.tmp/`` while being written, renamed to
+``<root>/step-NNNNNNNNN/`` once its manifest is in (the rename is atomic there). Object stores
+have no atomic directory rename, so there a save writes straight into ``step-NNNNNNNNN/`` and
+the manifest, written last, is the commit: a step dir without one is not listed.
+There is deliberately no "latest" pointer file: a pointer can be updated before (or without)
+the data it points to, so readers scan and verify instead.
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ import re
 from collections.abc import Callable
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
-from orchestrator.checkpoint.manifest import CheckpointInvalid, verify
+from orchestrator.checkpoint.manifest import MANIFEST_NAME, CheckpointInvalid, verify
 from orchestrator.checkpoint.storage import join, remove_tree, rename_dir
 
 logger = logging.getLogger(__name__)
@@ -38,6 +42,34 @@ def step_dir(root: str, step: int) -> str:
 
 def tmp_dir(root: str, step: int) -> str:
     return join(root, _step_name(step) + _TMP_SUFFIX)
+
+
+def renames_atomically(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def staging_path(fs: fsspec.AbstractFileSystem, root: str, step: int) -> str:
+    """Where a save or a copy of ``step`` writes before its commit: a ``.tmp`` dir on a local
+    disk, the step's own dir on an object store."""
+    return tmp_dir(root, step) if renames_atomically(fs) else step_dir(root, step)
+
+
+def prepare_staging(fs: fsspec.AbstractFileSystem, root: str, step: int) -> str:
+    """staging_path, made ready to be written: on an object store, debris of an earlier
+    crashed save there is removed first, and a checkpoint there that verifies is never
+    written over (FileExistsError), as commit() would refuse to replace it."""
+    if renames_atomically(fs):
+        return tmp_dir(root, step)
+    final = step_dir(root, step)
+    fs.invalidate_cache(final)
+    if fs.exists(final):
+        try:
+            verify(fs, final, check_hashes=True)
+        except CheckpointInvalid:
+            remove_tree(fs, final)
+        else:
+            raise FileExistsError(f"verified checkpoint already exists at {final}")
+    return final
 
 
 def parse_step(name: str) -> int | None:
@@ -72,6 +104,8 @@ def commit(
     for a good checkpoint and block the new one.
     """
     verify(fs, tmp_path, check_hashes=check_hashes)  # raises CheckpointInvalid
+    if tmp_path == final_path:
+        return  # written in place on an object store: the manifest, written last, committed it
     if fs.exists(final_path):
         try:
             verify(fs, final_path, check_hashes=True)
@@ -86,10 +120,20 @@ def commit(
     rename_dir(fs, tmp_path, final_path)
 
 
+def _has_manifest(fs: fsspec.AbstractFileSystem, root: str, step: int) -> bool:
+    path = step_dir(root, step)
+    fs.invalidate_cache(path)  # a listing cached mid-save would hide the manifest for good
+    return fs.exists(join(path, MANIFEST_NAME))
+
+
 def committed_steps(fs: fsspec.AbstractFileSystem, root: str) -> list[int]:
-    """Steps whose final directory exists (not verified), newest first."""
-    steps = (parse_step(name) for name in _list_dirs(fs, root))
-    return sorted((s for s in steps if s is not None), reverse=True)
+    """Steps whose final directory exists (not verified), newest first; on an object store,
+    only those whose manifest is there (a save in flight writes in place)."""
+    parsed = (parse_step(name) for name in _list_dirs(fs, root))
+    steps = sorted((s for s in parsed if s is not None), reverse=True)
+    if renames_atomically(fs):
+        return steps
+    return [s for s in steps if _has_manifest(fs, root, s)]
 
 
 def latest_verified(
@@ -126,7 +170,10 @@ def prune(fs: fsspec.AbstractFileSystem, root: str, keep: int) -> list[int]:
     if keep < 1:
         # keep=0 would delete the only thing a restarted job can resume from.
         raise ValueError(f"keep must be >= 1, got {keep}")
-    steps = committed_steps(fs, root)
+    # Every step dir, committed or not: on an object store one older than the kept ones that
+    # has no manifest is a crashed save, debris like any invalid one.
+    parsed = (parse_step(name) for name in _list_dirs(fs, root))
+    steps = sorted((s for s in parsed if s is not None), reverse=True)
     kept: list[int] = []
     for step in steps:
         try:
@@ -148,12 +195,19 @@ def prune(fs: fsspec.AbstractFileSystem, root: str, keep: int) -> list[int]:
 
 
 def remove_stale_tmp(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
-    """Delete every ``*.tmp`` dir under root; returns their names.
+    """Delete every unfinished save under root (``*.tmp`` dirs; on an object store, step
+    dirs without a manifest); returns their names.
 
     Only safe when no save is in flight (e.g. at job start, before training), since an
     in-progress save is indistinguishable from a crashed one.
     """
-    names = sorted(n for n in _list_dirs(fs, root) if n.endswith(_TMP_SUFFIX))
+    dirs = _list_dirs(fs, root)
+    names = sorted(n for n in dirs if n.endswith(_TMP_SUFFIX))
+    if not renames_atomically(fs):
+        for name in dirs:
+            step = parse_step(name)
+            if step is not None and not _has_manifest(fs, root, step):
+                names.append(name)
     for name in names:
         remove_tree(fs, join(root, name))
     return names

@@ -2,7 +2,8 @@
 
 DCP writes one file per rank plus `.metadata`, in a layout any world size can load: resharding
 happens on load. Around it runs the commit protocol of catalog.py: everything goes into
-`step-N.tmp/`, each rank hashes the files it wrote, rank 0 writes the manifest last and renames.
+`step-N.tmp/` (on an object store, `step-N/`), each rank hashes the files it wrote, rank 0 writes
+the manifest last and, on a local disk, renames.
 Rank 0 alone picks the checkpoint to load and tells the others, so every rank resumes the same
 step even if a listing or a verification would differ between them.
 """
@@ -13,6 +14,7 @@ import io
 import json
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -63,8 +65,11 @@ class Checkpointer:
         async_save: bool = False,
         verify_hashes: bool = True,
         timeout_s: int = 600,
+        on_commit: Callable[[int, float], None] | None = None,
     ) -> None:
         self.url = url
+        # Called on rank 0 with (step, seconds from the save's start) once a step is committed.
+        self.on_commit = on_commit
         self.fs, self.root = open_root(url)
         self.keep = keep
         self.async_save = async_save
@@ -135,8 +140,9 @@ class Checkpointer:
         """Start a checkpoint of step; with async_save this returns once the state is staged."""
         self.wait()  # one save in flight at a time
         began = time.perf_counter()
-        tmp = catalog.tmp_dir(self.root, step)
+        tmp = catalog.staging_path(self.fs, self.root, step)
         if self.rank == 0:
+            catalog.prepare_staging(self.fs, self.root, step)
             self.fs.makedirs(tmp, exist_ok=True)
             meta = {"step": step, "world_size": self.world_size, "saved_at": time.time(), **extra}
             self.fs.pipe_file(join(tmp, TRAINER_STATE), json.dumps(meta, indent=1).encode())
@@ -218,6 +224,8 @@ class Checkpointer:
             elapsed = time.perf_counter() - pending.started
             self.last_commit_s = elapsed
             log.info("committed checkpoint step %d in %.2fs", pending.step, elapsed)
+            if self.on_commit is not None:
+                self.on_commit(pending.step, elapsed)
         dist.barrier(group=self._ctrl)
         return pending.step
 

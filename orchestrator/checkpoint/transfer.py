@@ -3,8 +3,8 @@
 The source and target are fsspec URLs and may be different filesystems (local disk on the
 source cluster, an object store or memory:// on the target). The copy goes through the same
 protocol as a save: every file listed in the source manifest is streamed into the target's
-``step-N.tmp/``, hashed on the fly and checked against the manifest as it arrives, the manifest
-is written last, and only then is the directory committed. A copy that fails, or whose bytes
+``step-N.tmp/`` (on an object store, ``step-N/``), hashed on the fly and checked against the
+manifest as it arrives, the manifest is written last, and only then is the directory committed. A copy that fails, or whose bytes
 do not match, is never committed, so the target can only ever expose a checkpoint that
 verifies.
 """
@@ -168,6 +168,8 @@ def copy_checkpoint(
     chunk_bytes: int = 8 << 20,
     progress: Progress | None = None,
     limit_bytes_per_s: float | None = None,
+    src_options: dict[str, Any] | None = None,
+    dst_options: dict[str, Any] | None = None,
 ) -> CopyResult:
     """Copy committed checkpoint ``step`` (default: the source's newest that verifies by size).
 
@@ -201,8 +203,8 @@ def copy_checkpoint(
         # Small enough chunks that the rate holds within a quarter of a second.
         chunk_bytes = max(1, min(chunk_bytes, int(limit_bytes_per_s / 4)))
     began = time.perf_counter()
-    fs_src, src_root = open_root(src_url)
-    fs_dst, dst_root = open_root(dst_url)
+    fs_src, src_root = open_root(src_url, src_options)
+    fs_dst, dst_root = open_root(dst_url, dst_options)
     step = _pick_step(fs_src, src_root, step)
     src_dir = catalog.step_dir(src_root, step)
     doc = verify(fs_src, src_dir, check_hashes=False)  # presence and sizes
@@ -227,7 +229,7 @@ def copy_checkpoint(
                 progress(total, total)
             return CopyResult(step, nfiles, 0, time.perf_counter() - began, 0)
 
-    tmp = catalog.tmp_dir(dst_root, step)
+    tmp = catalog.prepare_staging(fs_dst, dst_root, step)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-sha256") as hasher:
         attempt = 0
         done = 0
@@ -277,7 +279,13 @@ def copy_checkpoint(
             return CopyResult(step, nfiles, total, time.perf_counter() - began, attempt)
 
 
-def plain_copy(src_url: str, dst_url: str, step: int) -> float:
+def plain_copy(
+    src_url: str,
+    dst_url: str,
+    step: int,
+    src_options: dict[str, Any] | None = None,
+    dst_options: dict[str, Any] | None = None,
+) -> float:
     """Seconds to copy the files of committed ``step`` with no hashing or checks (a baseline).
 
     Uses the filesystems' own copy: ``cp_file`` within one filesystem (``shutil.copyfile`` on
@@ -285,12 +293,12 @@ def plain_copy(src_url: str, dst_url: str, step: int) -> float:
     disk and another filesystem, a plain stream otherwise. The files land in the target's
     ``step-N.tmp/``, uncommitted; the caller deletes them.
     """
-    fs_src, src_root = open_root(src_url)
-    fs_dst, dst_root = open_root(dst_url)
+    fs_src, src_root = open_root(src_url, src_options)
+    fs_dst, dst_root = open_root(dst_url, dst_options)
     src_dir = catalog.step_dir(src_root, step)
     with fs_src.open(join(src_dir, MANIFEST_NAME), "rb") as f:
         rels = [e["path"] for e in json.loads(f.read())["files"]] + [MANIFEST_NAME]
-    tmp = catalog.tmp_dir(dst_root, step)
+    tmp = catalog.tmp_dir(dst_root, step)  # a name no store lists as a checkpoint
     remove_tree(fs_dst, tmp)
 
     def is_local(fs: fsspec.AbstractFileSystem) -> bool:

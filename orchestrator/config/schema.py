@@ -95,6 +95,8 @@ class LoggerConfig:
     project: str = "spillway"
     entity: str | None = None
     mode: str = "offline"
+    # Rank 0 puts its metrics into the run dir at least this often (and at every checkpoint).
+    metrics_flush_s: float = 2.0
 
 
 @dataclass

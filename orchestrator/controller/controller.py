@@ -23,7 +23,7 @@ from orchestrator.backends.ray_jobs import RayJobsBackend, submission_id
 from orchestrator.controller import migration
 from orchestrator.controller.job_states import AttemptState, JobState
 from orchestrator.controller.jobs import job_request
-from orchestrator.controller.paths import attempt_dir, checkpoints_url
+from orchestrator.controller.paths import attempt_dir, checkpoints_url, run_files
 from orchestrator.controller.recovery import Outcome, classify, exit_code_of, recover
 from orchestrator.controller.requests import ACTIVE
 from orchestrator.controller.state import (
@@ -35,12 +35,9 @@ from orchestrator.controller.state import (
 from orchestrator.fleet import fleet as fleet_mod
 from orchestrator.fleet.fleet import ClusterView
 from orchestrator.fleet.probe import ClusterHealth, probe
-from orchestrator.runtime.drain import request_drain
 from orchestrator.runtime.spec import AttemptSpec
 from orchestrator.scheduling import ClusterSnapshot, Placement, place
 from orchestrator.scheduling.preemption import Running, preemptions
-from orchestrator.tracking.metrics import last_metrics, read_metrics
-from recipes.common.drain import ACK_FILE
 
 log = logging.getLogger("spillway.controller")
 
@@ -122,10 +119,8 @@ class Controller:
             if job.state != JobState.RUNNING:
                 continue
             # The drain must leave time for its save: the last one the job made, measured.
-            last = last_metrics(
-                Path(attempt_dir(cluster, job.job_id, attempt.attempt)) / "metrics.jsonl"
-            )
-            save_s = (last or {}).get("checkpoint_s") or 0.0
+            last = run_files(cluster, job.job_id, attempt.attempt).last_save()
+            save_s = (last or {}).get("seconds") or 0.0
             margin = _placement(job)["lease_drain_margin_s"]
             if left <= margin + save_s:
                 cause = (
@@ -197,7 +192,7 @@ class Controller:
         if job.state == JobState.DRAINING and status in ("PENDING", "RUNNING"):
             timeout = _placement(job)["drain_timeout_s"]
             if attempt.interrupted_at is None:
-                request_drain(attempt_dir(cluster, job.job_id, attempt.attempt), job.reason or "")
+                run_files(cluster, job.job_id, attempt.attempt).request_drain(job.reason or "")
                 self.state.update_attempt(job.job_id, attempt.attempt, interrupted_at=now)
             elif now - attempt.interrupted_at > timeout:
                 backend.stop(ray_job_id)
@@ -341,9 +336,8 @@ class Controller:
 
     def _steps(self, cluster: ClusterView, job_id: str, attempt: AttemptRecord) -> dict:
         """First and last step of an attempt from its metrics, and the steps it redid."""
-        path = Path(attempt_dir(cluster, job_id, attempt.attempt)) / "metrics.jsonl"
         try:
-            lines = read_metrics(path) if path.exists() else []
+            lines = run_files(cluster, job_id, attempt.attempt).read_metrics()
         except OSError:
             lines = []
         if not lines:
@@ -362,11 +356,35 @@ class Controller:
         return fields
 
     def _ack(self, cluster: ClusterView, job_id: str, attempt: int) -> dict:
-        path = Path(attempt_dir(cluster, job_id, attempt)) / ACK_FILE
         try:
-            return json.loads(path.read_text())
-        except (OSError, ValueError):
+            return run_files(cluster, job_id, attempt).drain_ack() or {}
+        except OSError:
             return {}
+
+    # ---- what the API reads ---------------------------------------------------------------
+
+    def job_metrics(self, job_id: str) -> list[dict]:
+        """Every metrics record of every attempt, tagged with its attempt and cluster; an
+        attempt whose store cannot be read now contributes nothing."""
+        clusters = self.clusters()
+        lines: list[dict] = []
+        for a in self.state.attempts(job_id):
+            if a.cluster not in clusters:
+                continue
+            try:
+                records = run_files(clusters[a.cluster], job_id, a.attempt).read_metrics()
+            except OSError as exc:
+                log.warning("job %s attempt %d: cannot read metrics: %s", job_id, a.attempt, exc)
+                continue
+            lines += [{**r, "attempt": a.attempt, "cluster": a.cluster} for r in records]
+        return lines
+
+    def job_logs(self, job_id: str) -> tuple[AttemptRecord, str] | None:
+        """The Ray job logs of the job's latest submitted attempt, or None before it has one."""
+        attempt = self.state.latest_attempt(job_id)
+        if attempt is None or attempt.ray_job_id is None:
+            return None
+        return attempt, self._backend(self.clusters()[attempt.cluster]).logs(attempt.ray_job_id)
 
     # ---- placement ----------------------------------------------------------------------
 

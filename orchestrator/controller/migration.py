@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.manifest import CheckpointInvalid, verify
@@ -32,6 +32,8 @@ class Source:
     cluster: str
     url: str
     step: int
+    # How to open url (its cluster's storage options, credentials included).
+    options: dict = field(default_factory=dict, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -51,13 +53,14 @@ def checkpoint_sources(
     for rank, view in enumerate(visited):
         url = checkpoints_url(view, job_id)
         try:
-            fs, root = open_root(url)
+            fs, root = open_root(url, view.storage_options)
             steps = catalog.committed_steps(fs, root)
         except Exception as exc:  # noqa: BLE001 - any store error means: not usable now
             warn(f"cannot list checkpoints on {view.name} ({url}): {exc}")
             continue
         for step in steps:
-            found.append((-step, -1 if view.name == target else rank, Source(view.name, url, step)))
+            source = Source(view.name, url, step, view.storage_options)
+            found.append((-step, -1 if view.name == target else rank, source))
     return [s for *_, s in sorted(found, key=lambda t: (t[0], t[1]))]
 
 
@@ -76,7 +79,13 @@ def bring(
             return Brought(source, 0, 0.0)
         try:
             copied = copy_checkpoint(
-                source.url, dst, source.step, progress=progress, limit_bytes_per_s=limit_bytes_per_s
+                source.url,
+                dst,
+                source.step,
+                progress=progress,
+                limit_bytes_per_s=limit_bytes_per_s,
+                src_options=source.options,
+                dst_options=target.storage_options,
             )
         except CheckpointInvalid as exc:
             event(
@@ -94,7 +103,7 @@ def bring(
 def committed_sizes(view: ClusterView, job_id: str) -> dict[int, int]:
     """Step -> bytes of the job's committed checkpoints on a cluster whose files are all there
     with their listed sizes (the hashes are checked when a checkpoint is copied or loaded)."""
-    fs, root = open_root(checkpoints_url(view, job_id))
+    fs, root = open_root(checkpoints_url(view, job_id), view.storage_options)
     sizes = {}
     for step in catalog.committed_steps(fs, root):
         try:

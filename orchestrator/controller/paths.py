@@ -4,6 +4,7 @@ its attempts on that cluster, with its checkpoints beside them."""
 from __future__ import annotations
 
 from orchestrator.fleet.fleet import ClusterView
+from orchestrator.rundir import RunDir
 
 
 def job_root(cluster: ClusterView, job_id: str) -> str:
@@ -16,3 +17,8 @@ def attempt_dir(cluster: ClusterView, job_id: str, attempt: int) -> str:
 
 def checkpoints_url(cluster: ClusterView, job_id: str) -> str:
     return f"{job_root(cluster, job_id)}/checkpoints"
+
+
+def run_files(cluster: ClusterView, job_id: str, attempt: int) -> RunDir:
+    """The attempt's run files, opened with the cluster's storage options."""
+    return RunDir(attempt_dir(cluster, job_id, attempt), cluster.storage_options)

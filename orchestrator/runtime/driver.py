@@ -21,7 +21,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from orchestrator import exit_codes
 from orchestrator.config.errors import ConfigError
-from orchestrator.runtime.drain import request_drain
+from orchestrator.rundir import RunDir
 from orchestrator.runtime.rank import RankActor
 from orchestrator.runtime.spec import AttemptSpec
 
@@ -126,7 +126,8 @@ def main() -> None:
     ray.init(address="auto", log_to_driver=True)
     # A partner taking its nodes back sends SIGTERM: pass it on as a drain, then wait for it.
     # Installed after ray.init, which sets a SIGTERM handler of its own that just exits.
-    signal.signal(signal.SIGTERM, lambda *_: request_drain(spec.run_dir, "SIGTERM to the driver"))
+    run_files = RunDir(spec.run_dir)
+    signal.signal(signal.SIGTERM, lambda *_: run_files.request_drain("SIGTERM to the driver"))
     print(
         f"spillway: job {spec.job_id} attempt {spec.attempt} on {spec.world_size} rank(s)",
         flush=True,

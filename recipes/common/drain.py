@@ -2,24 +2,20 @@
 
 A lease ending, `spillway migrate`, a preemption and a SIGTERM from a partner taking its nodes
 back all end the same way: every rank agrees at a step boundary, a committed checkpoint of that
-step is saved, rank 0 writes DRAINED.json into the run dir, and the process exits with
-DRAINED_EXIT, which the controller tells apart from a failure.
+step is saved, rank 0 acknowledges in the run dir (orchestrator.rundir), and the process exits
+with DRAINED_EXIT, which the controller tells apart from a failure.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import signal
 import threading
-import time
-from pathlib import Path
 from typing import Protocol
 
 from orchestrator import exit_codes
+from orchestrator.rundir import RunDir
 
 DRAINED_EXIT = exit_codes.DRAINED
-ACK_FILE = "DRAINED.json"
 
 
 class Drain(Protocol):
@@ -34,7 +30,7 @@ class SigtermDrain:
     """Drains on SIGTERM (or SIGINT): what a partner sends when it takes its nodes back."""
 
     def __init__(self, run_dir: str | None = None) -> None:
-        self.run_dir = run_dir
+        self.run_files = RunDir(run_dir) if run_dir is not None else None
         self.reason: str | None = None
         # Handlers can only be installed from the main thread; elsewhere the runner drains us.
         if threading.current_thread() is threading.main_thread():
@@ -48,11 +44,5 @@ class SigtermDrain:
         return self.reason
 
     def acknowledge(self, step: int) -> None:
-        if self.run_dir is None:
-            return
-        ack = {"step": step, "reason": self.reason or "another rank was asked", "at": time.time()}
-        path = Path(self.run_dir) / ACK_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".part")
-        tmp.write_text(json.dumps(ack))
-        os.replace(tmp, path)
+        if self.run_files is not None:
+            self.run_files.acknowledge_drain(step, self.reason or "another rank was asked")

@@ -3,8 +3,8 @@
     torchrun --nproc_per_node=2 -m recipes.gpt.train model=tiny data=synthetic \
         trainer.max_steps=200 checkpoint.every_steps=50 run_dir=/tmp/run
 
-Writes RUN_DIR/metrics.jsonl (one line per optimizer step) and committed checkpoints under
-checkpoint.storage (RUN_DIR/checkpoints by default). Run the same command again, with any
+Writes metrics (one line per optimizer step) into RUN_DIR/metrics/ and committed checkpoints
+under checkpoint.storage (RUN_DIR/checkpoints by default); RUN_DIR may be any fsspec URL. Run the same command again, with any
 number of ranks, and it continues from the latest committed checkpoint.
 """
 
@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from orchestrator.checkpoint.distributed import Checkpointer
 from orchestrator.checkpoint.rng import seed_rng
 from orchestrator.config import ConfigError, compose_run, pick_device_type, validate
-from orchestrator.tracking.metrics import MetricsWriter
+from orchestrator.rundir import RunDir
 from orchestrator.tracking.progress import BarSafeHandler, Progress
 from orchestrator.tracking.wandb_run import WandbRun, new_run_id
 from recipes.common.drain import DRAINED_EXIT, Drain, SigtermDrain
@@ -104,12 +104,21 @@ def train(cfg: DictConfig, drain: Drain | None = None) -> TrainResult:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = warmup_cosine(optimizer, cfg.optim, t.max_steps)
     source = make_token_source(cfg.data)
+    run_files = RunDir(cfg.run_dir)
+    metrics = run_files.metrics_writer(cfg.logger.metrics_flush_s) if rank == 0 else None
+
+    def committed(step: int, seconds: float) -> None:
+        """On rank 0, once a checkpoint is committed: what the controller reads of it."""
+        run_files.record_save(step, seconds)
+        metrics.flush()
+
     ckpt = Checkpointer(
         cfg.checkpoint.storage,
         keep=cfg.checkpoint.keep,
         async_save=cfg.checkpoint.async_save,
         verify_hashes=cfg.checkpoint.verify_hashes,
         timeout_s=t.collective_timeout_s,
+        on_commit=committed if rank == 0 else None,
     )
 
     step, tokens_seen, run_id = 0, 0, new_run_id()
@@ -132,7 +141,6 @@ def train(cfg: DictConfig, drain: Drain | None = None) -> TrainResult:
         if (rank == 0 and cfg.logger.kind == "wandb")
         else None
     )
-    metrics = MetricsWriter(os.path.join(cfg.run_dir, "metrics.jsonl")) if rank == 0 else None
     progress = Progress(t.max_steps, step, t.log_every, enabled=rank == 0)
     progress.note(
         f"{'resumed from step ' + str(step) if resume_step is not None else 'started'}: "
