@@ -39,7 +39,7 @@ class ModelConfig:
 class DataConfig:
     name: str = "synthetic"
     # synthetic: a learnable token stream made from the seed; memmap: a nanoGPT-style .bin of
-    # tokens; repo_text: bytes of this repository's own text, built into a .bin on first use.
+    # tokens; repo_text: bytes of Spillway's own code and configs, built into a .bin on first use.
     kind: str = "synthetic"
     path: str | None = None
     dtype: str = "uint16"

@@ -106,6 +106,16 @@ def validate(cfg: DictConfig, world_size: int, device_type: str | None = None) -
 
     _at_least("checkpoint.every_steps", c.every_steps, 1)
     _at_least("checkpoint.keep", c.keep, 2)
+    _at_least("logger.metrics_flush_s", cfg.logger.metrics_flush_s, 0.0)
+    if world_size > 1:
+        # Each process has a memory:// store of its own: ranks would not see each other's files.
+        for key, url in (("run_dir", cfg.run_dir), ("checkpoint.storage", c.storage)):
+            if str(url).startswith("memory://"):
+                raise ConfigError(
+                    key,
+                    f"{url} lives inside one process; with {world_size} ranks use a store they "
+                    "share (a local path, s3://...) or resources.devices=1",
+                )
     pl = cfg.placement
     _at_least("placement.lease_drain_margin_s", pl.lease_drain_margin_s, 0.0)
     if pl.drain_timeout_s <= 0:

@@ -86,30 +86,42 @@ class MemmapTokens:
         return torch.from_numpy(np.stack(windows).astype(np.int64))
 
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 REPO_TEXT_SUFFIXES = (".md", ".py", ".yaml", ".toml")
 
 
-def repo_text_files(root: Path = REPO_ROOT) -> list[Path]:
-    """The repository's own prose, code and configs, in a stable order."""
-    skip = {".git", "__pycache__", ".venv", "build", "outputs", "wandb"}
-    files = [
-        p
-        for p in root.rglob("*")
-        if p.suffix in REPO_TEXT_SUFFIXES
-        and p.is_file()
-        and not skip & set(p.relative_to(root).parts)
-    ]
-    return sorted(files)
+def text_roots() -> list[Path]:
+    """Spillway's own packages: the same files in a checkout, a wheel install, or the code an
+    attempt's runtime_env brought to a cluster, so every cluster trains on the same corpus."""
+    import orchestrator
+    import recipes
+
+    return [Path(orchestrator.__file__).resolve().parent, Path(recipes.__file__).resolve().parent]
 
 
-def build_repo_text_bin(out_path: str, root: Path = REPO_ROOT) -> int:
+def repo_text_files(roots: list[Path] | None = None) -> list[Path]:
+    """Spillway's own code and configs, in an order that depends only on their package paths."""
+    skip = {"__pycache__"}
+    found = []
+    for root in roots if roots is not None else text_roots():
+        for p in root.rglob("*"):
+            rel = p.relative_to(root.parent)
+            if (
+                p.suffix in REPO_TEXT_SUFFIXES
+                and p.is_file()
+                and p.stat().st_size  # an empty __init__.py adds nothing but a separator
+                and not skip & set(rel.parts)
+            ):
+                found.append((rel.as_posix(), p))
+    return [p for _, p in sorted(found)]
+
+
+def build_repo_text_bin(out_path: str, roots: list[Path] | None = None) -> int:
     """Write the byte-level corpus once; ranks racing here write identical bytes, renamed atomically."""
     out = Path(out_path)
     if out.exists():
         return out.stat().st_size // 2
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = b"\n\n".join(p.read_bytes() for p in repo_text_files(root))
+    text = b"\n\n".join(p.read_bytes() for p in repo_text_files(roots))
     tmp = out.with_name(f"{out.name}.{os.getpid()}.part")
     np.frombuffer(text, dtype=np.uint8).astype(np.uint16).tofile(tmp)
     os.replace(tmp, out)

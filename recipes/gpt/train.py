@@ -91,6 +91,9 @@ def train(cfg: DictConfig, drain: Drain | None = None) -> TrainResult:
         format="%(message)s",
         handlers=[BarSafeHandler()],
     )
+    # s3fs's client logs where it found its endpoint at INFO; that is not the run's news.
+    for noisy in ("botocore", "aiobotocore", "s3fs"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     plan = BatchPlan.for_world(t.global_batch_size, world, t.micro_batch_size)
 
     # The same seed on every rank builds the same full model; sharding then splits it.

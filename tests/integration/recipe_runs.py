@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.tracking.metrics import read_metrics
+from orchestrator.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,7 @@ class Run:
 
     @property
     def losses(self) -> dict[int, float]:
-        return {r["step"]: r["loss"] for r in read_metrics(self.run_dir / "metrics.jsonl")}
+        return {r["step"]: r["loss"] for r in RunDir(str(self.run_dir)).read_metrics()}
 
     @property
     def checkpoints(self) -> Path:

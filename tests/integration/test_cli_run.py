@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from orchestrator.tracking.metrics import read_metrics
+from orchestrator.rundir import RunDir
 from tests.integration.recipe_runs import REPO
 
 
@@ -74,7 +74,7 @@ def test_run_trains_on_repo_text_and_resumes(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from step 4: 2 rank(s)" in second.stderr
     assert "step      8/8  loss" in second.stderr
-    records = read_metrics(run_dir / "metrics.jsonl")
+    records = RunDir(str(run_dir)).read_metrics()
     assert [r["step"] for r in records] == list(range(1, 9))
     assert {"step", "loss", "lr", "world_size", "tokens_per_s"} <= set(records[-1])
     assert all(r["world_size"] == 2 for r in records)

@@ -3,7 +3,6 @@ acknowledgement, the drained exit status, and a resume that continues exactly.""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -13,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.tracking.metrics import read_metrics
-from recipes.common.drain import ACK_FILE, DRAINED_EXIT
+from orchestrator.rundir import RunDir
+from recipes.common.drain import DRAINED_EXIT
 from tests.integration.recipe_runs import BASE, REPO, ok, torchrun
 
 pytestmark = pytest.mark.slow
@@ -30,9 +29,9 @@ def start(cmd: list[str]) -> subprocess.Popen:
 
 def wait_for_steps(run_dir: Path, n: int, proc: subprocess.Popen, timeout_s: float = 120) -> None:
     deadline = time.monotonic() + timeout_s
-    metrics = run_dir / "metrics.jsonl"
+    run_files = RunDir(str(run_dir))
     while time.monotonic() < deadline:
-        if metrics.exists() and len(read_metrics(metrics)) >= n:
+        if len(run_files.read_metrics()) >= n:
             return
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         time.sleep(0.05)
@@ -73,10 +72,10 @@ def rank_pid(launcher_pid: int, rank: int) -> int:
 
 
 def drained_step(run_dir: Path) -> int:
-    ack = json.loads((run_dir / ACK_FILE).read_text())
-    step = ack["step"]
+    run_files = RunDir(str(run_dir))
+    step = run_files.drain_ack()["step"]
     assert (run_dir / "checkpoints" / f"step-{step:09d}" / "MANIFEST.json").is_file()
-    assert read_metrics(run_dir / "metrics.jsonl")[-1]["step"] == step, "trained past the drain"
+    assert run_files.read_metrics()[-1]["step"] == step, "trained past the drain"
     return step
 
 

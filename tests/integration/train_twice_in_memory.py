@@ -12,7 +12,7 @@ import sys
 import fsspec
 
 from orchestrator.config import compose_run
-from orchestrator.tracking.metrics import read_metrics
+from orchestrator.rundir import RunDir
 from recipes.gpt.train import train
 
 run_dir = sys.argv[1]
@@ -33,6 +33,6 @@ listing = sorted(
 train(compose_run(common))
 print(
     json.dumps(
-        {"listing": listing, "steps": [r["step"] for r in read_metrics(f"{run_dir}/metrics.jsonl")]}
+        {"listing": listing, "steps": [r["step"] for r in RunDir(run_dir).read_metrics()]}
     )
 )
