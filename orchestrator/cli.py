@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -11,12 +12,19 @@ from orchestrator.commands import jobs as job_cmds
 from orchestrator.commands.common import Refused, bad_config, refuse
 from orchestrator.commands.run import cmd_run
 from orchestrator.config import ConfigError
+from orchestrator.config.compose import CONFIG_DIR_ENV, user_config_dir
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spillway",
         description="Train on the GPUs you own, spill onto leased clusters, resume anywhere.",
+    )
+    parser.add_argument(
+        "--config-dir",
+        metavar="DIR",
+        help="your own config groups beside Spillway's (DIR/fleet/mine.yaml gives fleet=mine); "
+        f"sets ${CONFIG_DIR_ENV}",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
@@ -70,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     args = build_parser().parse_args(argv)
     try:
+        if args.config_dir is not None:
+            # Through the environment, so that processes we start (torchrun) compose alike.
+            os.environ[CONFIG_DIR_ENV] = args.config_dir
+            user_config_dir(source="--config-dir")
         return args.func(args)
     except ConfigError as exc:
         return bad_config(exc)

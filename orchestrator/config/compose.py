@@ -1,4 +1,9 @@
-"""Compose conf/ with the typed schema and turn Hydra's exceptions into one ConfigError line."""
+"""Compose conf/ with the typed schema and turn Hydra's exceptions into one ConfigError line.
+
+Spillway's own config groups ship inside the package (orchestrator/conf). A user adds groups
+of their own (MYDIR/fleet/mine.yaml, MYDIR/model/huge.yaml) with SPILLWAY_CONFIG_DIR, which
+`spillway --config-dir DIR` sets: Hydra searches it after Spillway's own.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +25,50 @@ from orchestrator.config.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 PRIMARY = "train"
+CONFIG_DIR_ENV = "SPILLWAY_CONFIG_DIR"
 
 
 def spillway_home() -> str:
     """The one directory holding all of Spillway's state ($SPILLWAY_HOME, default ~/.spillway)."""
     return str(Path(os.environ.get("SPILLWAY_HOME", "~/.spillway")).expanduser().resolve())
+
+
+def user_config_dir(source: str = CONFIG_DIR_ENV) -> Path | None:
+    """The user's own config directory, from $SPILLWAY_CONFIG_DIR; None when unset. `source`
+    names where it came from in the one line that refuses a directory that is not there."""
+    value = os.environ.get(CONFIG_DIR_ENV, "").strip()
+    if not value:
+        return None
+    path = Path(value).expanduser().resolve()
+    if not path.is_dir():
+        raise ConfigError(
+            source,
+            f"{value} is not a directory (a folder of config groups, e.g. "
+            "DIR/fleet/mine.yaml for fleet=mine)",
+        )
+    _refuse_shadowing(path, source)
+    return path
+
+
+def _refuse_shadowing(user_dir: Path, source: str) -> None:
+    """A user file named like one of Spillway's own would be silently ignored (Hydra takes the
+    first it finds): refuse it instead."""
+    for own in sorted(CONF_DIR.glob("*/*.yaml")):
+        theirs = user_dir / own.parent.name / own.name
+        if theirs.is_file():
+            group, name = own.parent.name, own.stem
+            raise ConfigError(
+                source,
+                f"{theirs} has the name of Spillway's own {group}={name}; give it another name",
+            )
+
+
+def _search_path(user_dir: Path | None) -> list[str]:
+    """The override that adds the user's directory to Hydra's search path, if there is one."""
+    if user_dir is None:
+        return []
+    quoted = str(user_dir).replace("'", "\\'")  # Hydra's quoted strings escape only quotes
+    return [f"hydra.searchpath=['file://{quoted}']"]
 
 
 def _register_once() -> None:
@@ -36,14 +80,15 @@ def _register_once() -> None:
 def compose_run(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
     """The run config for these Hydra overrides, fully resolved; ConfigError if it is bad."""
     _register_once()
+    user_dir = user_config_dir()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose(config_name=PRIMARY, overrides=list(overrides))
+            cfg = compose(config_name=PRIMARY, overrides=[*_search_path(user_dir), *overrides])
         OmegaConf.resolve(cfg)
         _refuse_missing(cfg)
         _refuse_unknown_keys(cfg)
     except MissingConfigException as exc:
-        raise _missing_option(exc) from None
+        raise _missing_option(exc, user_dir) from None
     except OverrideParseException as exc:
         raise ConfigError("overrides", _first_line(str(exc))) from None
     except ConfigCompositionException as exc:
@@ -80,14 +125,20 @@ def _first_line(text: str) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), text)
 
 
-def _missing_option(exc: MissingConfigException) -> ConfigError:
+def options(group: str, user_dir: Path | None = None) -> list[str]:
+    """The options of a config group: Spillway's own and the user's."""
+    dirs = [CONF_DIR, *([user_dir] if user_dir is not None else [])]
+    return sorted({p.stem for d in dirs for p in (d / group).glob("*.yaml")})
+
+
+def _missing_option(exc: MissingConfigException, user_dir: Path | None) -> ConfigError:
     text = str(exc)
     found = re.search(r"Could not find '([^'/]+)/([^']+)'", text)
     if not found:
         return ConfigError("config", _first_line(text))
     group, name = found.groups()
-    options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-    return ConfigError(group, f"no option '{name}' (allowed: {', '.join(options)})")
+    allowed = options(group, user_dir)
+    return ConfigError(group, f"no option '{name}' (allowed: {', '.join(allowed)})")
 
 
 def _from_composition(exc: ConfigCompositionException, overrides) -> ConfigError:

@@ -19,12 +19,19 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from orchestrator import exit_codes
 from orchestrator.backends.ray_jobs import RayJobsBackend, submission_id
 from orchestrator.controller import migration
 from orchestrator.controller.job_states import AttemptState, JobState
 from orchestrator.controller.jobs import job_request
 from orchestrator.controller.paths import attempt_dir, checkpoints_url, run_files
-from orchestrator.controller.recovery import Outcome, classify, exit_code_of, recover
+from orchestrator.controller.recovery import (
+    Outcome,
+    classify,
+    cluster_at_fault,
+    exit_code_of,
+    recover,
+)
 from orchestrator.controller.requests import ACTIVE
 from orchestrator.controller.state import (
     AttemptRecord,
@@ -35,7 +42,7 @@ from orchestrator.controller.state import (
 from orchestrator.fleet import fleet as fleet_mod
 from orchestrator.fleet.fleet import ClusterView
 from orchestrator.fleet.probe import ClusterHealth, probe
-from orchestrator.runtime.spec import AttemptSpec
+from orchestrator.runtime.spec import AttemptSpec, attempt_run_config
 from orchestrator.scheduling import ClusterSnapshot, Placement, place
 from orchestrator.scheduling.preemption import Running, preemptions
 
@@ -279,8 +286,11 @@ class Controller:
             fields.setdefault("interrupted_at", attempt.interrupted_at or now)
             ended = AttemptState.STOPPED if status == "STOPPED" else AttemptState.FAILED
             self.state.update_attempt(job.job_id, attempt.attempt, state=ended, **fields)
-            what = f"{where} {status.lower()}{at} (exit code {code})"
-            self._recover(job, attempt, cluster, what, now, cluster_lost=False)
+            meaning = exit_codes.RESERVED.get(code)
+            what = f"{where} {status.lower()}{at} (exit code {code}{', ' + meaning if meaning else ''})"
+            # A cluster whose environment cannot run Spillway is left as if lost.
+            lost = cluster_at_fault(outcome)
+            self._recover(job, attempt, cluster, what, now, cluster_lost=lost)
 
     def _lose(self, job, attempt, cluster, what: str, now: float, cluster_lost: bool) -> None:
         """End an attempt we could not hear end (cluster gone, lease over, drain ignored)."""
@@ -558,19 +568,25 @@ class Controller:
     # ---- submitting ---------------------------------------------------------------------
 
     def _spec(self, job: JobRecord, cluster: ClusterView, attempt: AttemptRecord) -> AttemptSpec:
+        """The attempt's spec, once the run config it trains is in its run dir: every submit
+        (a resubmit after a restart too) comes through here, so none goes out without it."""
         run_dir = attempt_dir(cluster, job.job_id, attempt.attempt)
+        cfg = attempt_run_config(
+            json.loads(job.run_config),
+            world_size=attempt.world_size,
+            run_dir=run_dir,
+            checkpoint_storage=checkpoints_url(cluster, job.job_id),
+        )
+        try:
+            run_files(cluster, job.job_id, attempt.attempt).write_run_config(cfg)
+        except Exception as exc:
+            raise RuntimeError(f"cannot write the run config to {run_dir}: {exc}") from exc
         return AttemptSpec(
             job_id=job.job_id,
             attempt=attempt.attempt,
             world_size=attempt.world_size,
             device_resource=cluster.device_resource,
             run_dir=run_dir,
-            overrides=[
-                *job.overrides,
-                f"resources.devices={attempt.world_size}",
-                f"run_dir={run_dir}",
-                f"checkpoint.storage={checkpoints_url(cluster, job.job_id)}",
-            ],
         )
 
     def _start(

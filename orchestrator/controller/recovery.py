@@ -4,7 +4,8 @@ Pure functions of what the controller observed, so every rule is tested without 
 A fault (a rank or driver died, the cluster was lost, a drain was ignored) sends the job back
 to the queue to resume from its last committed checkpoint, on the clusters its strategy names,
 until it has used up `placement.max_restarts`. An exit code the user marked as the job's own
-error fails it at once: another attempt would fail the same way.
+error fails it at once: another attempt would fail the same way. A cluster whose Python cannot
+run Spillway is at fault itself: the job leaves it as it would leave a lost cluster.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ class Outcome(str, Enum):
     DRAINED = "DRAINED"  # checkpointed and stopped on request
     NO_CAPACITY = "NO_CAPACITY"  # the gang could not be reserved: just queue again
     USER_ERROR = "USER_ERROR"  # an exit code in placement.user_error_exit_codes
+    # The cluster's Python lacks what Spillway needs: recover elsewhere, as from a lost cluster.
+    BROKEN_CLUSTER = "BROKEN_CLUSTER"
     FAULT = "FAULT"  # anything else: recover from the last committed checkpoint
 
 
@@ -43,11 +46,19 @@ def classify(status: str, exit_code: int | None, user_error_exit_codes: list[int
         return Outcome.DRAINED
     if exit_code == exit_codes.NO_CAPACITY:
         return Outcome.NO_CAPACITY
+    if status == "FAILED" and exit_code == exit_codes.BROKEN_ENVIRONMENT:
+        return Outcome.BROKEN_CLUSTER
     if status == "FAILED" and exit_code in user_error_exit_codes:
         return Outcome.USER_ERROR
     # A rank lost (69), a driver killed by a signal (negative), a job stopped by someone
     # other than us, a supervisor that died: none of them is the job's own fault.
     return Outcome.FAULT
+
+
+def cluster_at_fault(outcome: Outcome) -> bool:
+    """Whether recovery should leave the cluster as if it were lost: restarting there (or
+    coming back to it first) would meet the same broken environment."""
+    return outcome is Outcome.BROKEN_CLUSTER
 
 
 class Restart:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import socket
+from typing import Any
 
 import ray
 
@@ -20,10 +21,19 @@ class RankActor:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
+    def environment_problem(self, requirements: list[str]) -> str | None:
+        """What this node's Python lacks, naming the node; None when it has it all. The driver
+        checked its own node; a gang across nodes must check each of them."""
+        from orchestrator.runtime.requirements import check
+
+        problem = check(requirements)
+        return None if problem is None else f"node {ray.util.get_node_ip_address()}: {problem}"
+
     def run(
-        self, rank: int, world_size: int, master: tuple[str, int], overrides: list[str]
+        self, rank: int, world_size: int, master: tuple[str, int], run_config: dict[str, Any]
     ) -> dict:
-        from orchestrator.config import compose_run
+        """Train the run config as the controller stored it; it is never composed again here."""
+        from omegaconf import OmegaConf
 
         # Ray already narrowed CUDA_VISIBLE_DEVICES to this actor's GPU, so it is device 0.
         os.environ.update(
@@ -34,7 +44,8 @@ class RankActor:
             MASTER_PORT=str(master[1]),
         )
         os.environ.setdefault("OMP_NUM_THREADS", "1")
-        cfg = compose_run(overrides)
+        cfg = OmegaConf.create(run_config)
+        OmegaConf.set_struct(cfg, True)  # a key the recipe misspells fails, as it would composed
         recipe = importlib.import_module(cfg.recipe.module)
         result = recipe.train(cfg, drain=MarkerDrain(cfg.run_dir))
         # Plain values: the recipe's own result type would make the driver import the recipe

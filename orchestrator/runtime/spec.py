@@ -1,12 +1,22 @@
-"""One attempt, as the controller hands it to the driver on a cluster."""
+"""One attempt, as the controller hands it to the driver on a cluster.
+
+The spec names the attempt; the run config it trains travels beside it, in the attempt's run
+dir (orchestrator.rundir), written by the controller just before it submits.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from typing import Any
 
 SPEC_ENV = "SPILLWAY_ATTEMPT_SPEC"
+
+# What a cluster does not need of the run config stored at launch: the fleet names every
+# other cluster, their token sources and the controller's address.
+NOT_SHIPPED = ("fleet",)
 
 
 @dataclass(frozen=True)
@@ -16,8 +26,6 @@ class AttemptSpec:
     world_size: int
     device_resource: str
     run_dir: str
-    # Hydra overrides of the run config, with run_dir and checkpoint.storage already pinned.
-    overrides: list[str] = field(default_factory=list)
     reserve_timeout_s: float = 120.0
 
     def to_json(self) -> str:
@@ -26,3 +34,15 @@ class AttemptSpec:
     @classmethod
     def from_env(cls) -> AttemptSpec:
         return cls(**json.loads(os.environ[SPEC_ENV]))
+
+
+def attempt_run_config(
+    run_config: dict[str, Any], world_size: int, run_dir: str, checkpoint_storage: str
+) -> dict[str, Any]:
+    """The run config one attempt trains: the one stored at launch, with the keys that belong
+    to this attempt pinned (its world size, its run dir, the job's checkpoints on its cluster)."""
+    cfg = {k: copy.deepcopy(v) for k, v in run_config.items() if k not in NOT_SHIPPED}
+    cfg["resources"] = {**cfg.get("resources", {}), "devices": world_size}
+    cfg["run_dir"] = run_dir
+    cfg["checkpoint"] = {**cfg.get("checkpoint", {}), "storage": checkpoint_storage}
+    return cfg

@@ -10,14 +10,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+from orchestrator.checkpoint.storage import open_root
+from orchestrator.fleet.fleet import ClusterView
 from orchestrator.fleet.local import LocalCluster
 from orchestrator.fleet.processes import session_pids
-from orchestrator.tracking.metrics import last_metrics, read_metrics
+from orchestrator.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
 
 # One config for every fault case, so one uninterrupted run per world size serves them all.
-FAULT = ["data=synthetic", "data.seq_len=32", "checkpoint.every_steps=10", "trainer.max_steps=100"]
+# Metrics reach the run files every 0.25 s, so a test polling them acts near the step it means.
+FAULT = [
+    "data=synthetic",
+    "data.seq_len=32",
+    "checkpoint.every_steps=10",
+    "trainer.max_steps=100",
+    "logger.metrics_flush_s=0.25",
+]
 
 
 def cluster(home: Path, name: str) -> LocalCluster:
@@ -62,13 +71,30 @@ def metrics(spillway, job_id: str) -> list[dict]:
     return [json.loads(x) for x in done.stdout.splitlines()]
 
 
+def views(home: Path) -> list[ClusterView]:
+    """The local fleet's clusters as the controller sees them (storage options included)."""
+    from orchestrator.config import compose_run
+    from orchestrator.fleet import fleet as fleet_mod
+
+    cfg = compose_run([f"state_dir={home}"])
+    return fleet_mod.resolve(cfg.fleet, str(home))
+
+
 def last_step(home: Path, job_id: str) -> int:
-    """The newest step any attempt of the job wrote, read from the files: fast enough to poll
-    many times a second, so a fault lands where the test means it to."""
+    """The newest step any attempt of the job put in its run files, on any cluster's store:
+    fast enough to poll many times a second, so a fault lands where the test means it to."""
     newest = 0
-    for path in home.glob(f"storage/*/jobs/{job_id}/attempt-*/metrics.jsonl"):
-        record = last_metrics(path)
-        newest = max(newest, record["step"] if record else 0)
+    for view in views(home):
+        root = f"{view.storage_root}/jobs/{job_id}"
+        fs, path = open_root(root, view.storage_options)
+        fs.invalidate_cache(path)
+        try:
+            names = [n.rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)]
+        except FileNotFoundError:
+            continue
+        for name in (n for n in names if n.startswith("attempt-")):
+            record = RunDir(f"{root}/{name}", view.storage_options).last_metrics()
+            newest = max(newest, record["step"] if record else 0)
     return newest
 
 
@@ -96,8 +122,8 @@ class Uninterrupted:
         if self._losses is None:
             code = self.proc.wait(timeout=300)
             assert code == 0, self.log_path.read_text()[-3000:]
-            path = self.run_dir / "metrics.jsonl"
-            self._losses = {r["step"]: r["loss"] for r in read_metrics(path)}
+            records = RunDir(str(self.run_dir)).read_metrics()
+            self._losses = {r["step"]: r["loss"] for r in records}
         return self._losses
 
 

@@ -27,8 +27,9 @@ from tests.e2e.faults import (
     last_step,
     metrics,
     rank_pids,
+    views,
 )
-from tests.e2e.test_jobs import _views, controller_beat, job, wait_for
+from tests.e2e.test_jobs import controller_beat, job, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -56,12 +57,13 @@ def finish(spillway, job_id: str) -> dict:
 
 
 def checkpoints_dir(home, cluster_name: str, job_id: str) -> str:
-    view = next(v for v in _views(home) if v.name == cluster_name)
+    view = next(v for v in views(home) if v.name == cluster_name)
     return f"{view.storage_root}/jobs/{job_id}/checkpoints"
 
 
 def committed(home, cluster_name: str, job_id: str) -> list[int]:
-    fs, root = open_root(checkpoints_dir(home, cluster_name, job_id))
+    view = next(v for v in views(home) if v.name == cluster_name)
+    fs, root = open_root(checkpoints_dir(home, cluster_name, job_id), view.storage_options)
     return catalog.committed_steps(fs, root)
 
 

@@ -6,13 +6,14 @@ import dataclasses
 import time
 
 import pytest
+from omegaconf import OmegaConf
 
 from orchestrator.backends.ray_jobs import RayJobsBackend
 from orchestrator.config import compose_run
 from orchestrator.exit_codes import NO_CAPACITY
 from orchestrator.fleet import fleet as fleet_mod
-from orchestrator.runtime.spec import AttemptSpec
-from orchestrator.tracking.metrics import read_metrics
+from orchestrator.rundir import RunDir
+from orchestrator.runtime.spec import AttemptSpec, attempt_run_config
 
 pytestmark = pytest.mark.slow
 
@@ -33,21 +34,18 @@ def monkeypatch_module():
 
 
 def spec_for(cluster, job_id: str, world_size: int, steps: int = 6) -> AttemptSpec:
+    """An attempt as the controller hands it over: its run config in its run dir first."""
     root = f"{cluster.storage_root}/jobs/{job_id}"
+    overrides = ["data=synthetic", "data.seq_len=32", f"trainer.max_steps={steps}"]
+    stored = OmegaConf.to_container(compose_run([*overrides, "checkpoint.every_steps=3"]))
+    cfg = attempt_run_config(stored, world_size, f"{root}/attempt-1", f"{root}/checkpoints")
+    RunDir(f"{root}/attempt-1", cluster.storage_options).write_run_config(cfg)
     return AttemptSpec(
         job_id=job_id,
         attempt=1,
         world_size=world_size,
         device_resource=cluster.device_resource,
         run_dir=f"{root}/attempt-1",
-        overrides=[
-            "data=synthetic",
-            "data.seq_len=32",
-            f"trainer.max_steps={steps}",
-            "checkpoint.every_steps=3",
-            f"run_dir={root}/attempt-1",
-            f"checkpoint.storage={root}/checkpoints",
-        ],
     )
 
 
@@ -69,7 +67,7 @@ def test_attempt_trains_on_home_and_is_submitted_once(clusters):
     with pytest.raises(Exception, match="already"):
         home.submit(spec)
     assert str(wait_terminal(home, ray_job_id)) == "SUCCEEDED", home.logs(ray_job_id)[-3000:]
-    records = read_metrics(f"{clusters['home'].storage_root}/jobs/jhome/attempt-1/metrics.jsonl")
+    records = RunDir(f"{clusters['home'].storage_root}/jobs/jhome/attempt-1").read_metrics()
     assert [r["step"] for r in records] == list(range(1, 7))
     assert {r["world_size"] for r in records} == {2}
     logs = home.logs(ray_job_id)

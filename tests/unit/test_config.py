@@ -116,6 +116,12 @@ def test_composed_config_is_plain_data():
     assert OmegaConf.to_container(cfg, throw_on_missing=True)["trainer"]["max_steps"] == 300
 
 
+def test_the_broken_environment_code_cannot_be_a_user_error():
+    cfg = compose_run(["placement.user_error_exit_codes=[1,78]"])
+    with pytest.raises(ConfigError, match=r"78 \(cluster environment\)"):
+        validate(cfg, world_size=1, device_type="cpu")
+
+
 def test_a_reserved_exit_code_is_refused_with_what_it_means():
     cfg = compose_run(["placement.user_error_exit_codes=[75]"])
     with pytest.raises(

@@ -10,6 +10,7 @@ from orchestrator.controller.recovery import (
     Outcome,
     Restart,
     classify,
+    cluster_at_fault,
     exit_code_of,
     recover,
 )
@@ -26,6 +27,7 @@ USER = [1, 2]
         ("FAILED", 1, Outcome.USER_ERROR),  # the recipe raised
         ("FAILED", 2, Outcome.USER_ERROR),  # a bad config
         ("FAILED", exit_codes.RANK_LOST, Outcome.FAULT),
+        ("FAILED", exit_codes.BROKEN_ENVIRONMENT, Outcome.BROKEN_CLUSTER),
         ("FAILED", -9, Outcome.FAULT),  # the driver was killed
         ("FAILED", None, Outcome.FAULT),  # the job supervisor died: no exit code at all
         ("STOPPED", 1, Outcome.FAULT),  # stopped by someone else than us
@@ -38,6 +40,18 @@ def test_classify(status, code, outcome):
 def test_user_error_codes_are_the_users_choice():
     assert classify("FAILED", 1, [2]) is Outcome.FAULT
     assert classify("FAILED", 42, [42]) is Outcome.USER_ERROR
+
+
+def test_a_cluster_that_cannot_run_spillway_is_left_like_a_lost_one():
+    # Even a user who lists its code cannot make it the job's fault (validate refuses that too).
+    assert classify("FAILED", exit_codes.BROKEN_ENVIRONMENT, [78]) is Outcome.BROKEN_CLUSTER
+    assert cluster_at_fault(Outcome.BROKEN_CLUSTER)
+    assert not any(cluster_at_fault(o) for o in Outcome if o is not Outcome.BROKEN_CLUSTER)
+    # Either strategy moves on and does not come back to it, not even last.
+    lost = cluster_at_fault(classify("FAILED", exit_codes.BROKEN_ENVIRONMENT, USER))
+    plan = recover("restart", "partner", ORDER, lost, 1, 3, "partner lacks torch")
+    assert plan.next_clusters == ["third", "home"] and not plan.give_up
+    assert recover("failover", "partner", ORDER, lost, 1, 3, "x").next_clusters == ["third", "home"]
 
 
 def test_exit_code_from_the_field_or_the_message():
