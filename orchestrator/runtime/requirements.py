@@ -28,12 +28,22 @@ RUNTIME: tuple[str, ...] = (
     "packaging>=23",
 )
 WANDB = "wandb>=0.19"
+S3FS = "s3fs>=2024.6"
+# What only the controller and the embedded local fleet use, never a rank.
+HOME_ONLY: tuple[str, ...] = ("moto[server]>=5.0", "aiohttp>=3.9")
 
 
 def needed(run_config: Mapping[str, Any] | None = None) -> list[str]:
-    """The requirements of one run: wandb only when its logger is wandb."""
-    logger = (run_config or {}).get("logger") or {}
-    return [*RUNTIME, *([WANDB] if logger.get("kind") == "wandb" else [])]
+    """The requirements of one run: wandb only when its logger is wandb, s3fs only when its
+    run dir or checkpoints are on s3://."""
+    cfg = run_config or {}
+    logger = cfg.get("logger") or {}
+    urls = [str(cfg.get("run_dir", "")), str((cfg.get("checkpoint") or {}).get("storage", ""))]
+    return [
+        *RUNTIME,
+        *([WANDB] if logger.get("kind") == "wandb" else []),
+        *([S3FS] if any(u.startswith("s3://") for u in urls) else []),
+    ]
 
 
 def problems(installed: Mapping[str, str | None], requirements: Iterable[str]) -> list[str]:

@@ -7,7 +7,15 @@ from pathlib import Path
 import tomllib
 from packaging.requirements import Requirement
 
-from orchestrator.runtime.requirements import RUNTIME, WANDB, check, needed, problems
+from orchestrator.runtime.requirements import (
+    HOME_ONLY,
+    RUNTIME,
+    S3FS,
+    WANDB,
+    check,
+    needed,
+    problems,
+)
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 WANTED = ["torch>=2.11,<2.14", "ray[default]==2.60.*", "omegaconf>=2.3,<2.4", "fsspec>=2024.6"]
@@ -55,7 +63,7 @@ def test_wandb_is_needed_only_by_a_run_that_logs_to_it():
 def test_the_requirements_are_pyprojects_dependencies():
     declared = tomllib.loads(PYPROJECT.read_text())["project"]["dependencies"]
     by_name = {Requirement(d).name: Requirement(d) for d in declared}
-    ours = {Requirement(r).name: Requirement(r) for r in [*RUNTIME, WANDB]}
+    ours = {Requirement(r).name: Requirement(r) for r in [*RUNTIME, WANDB, S3FS, *HOME_ONLY]}
     assert set(ours) == set(by_name)
     for name, req in ours.items():
         assert req.specifier == by_name[name].specifier, name
@@ -68,3 +76,9 @@ def test_this_python_has_what_spillway_needs_and_a_lack_is_one_line():
     assert "\n" not in line
     assert line.startswith("torch ") and "is installed, Spillway needs torch>=99" in line
     assert "no-such-package-spillway is not installed" in line
+
+
+def test_s3fs_is_needed_only_for_a_run_on_s3():
+    assert S3FS not in needed({"run_dir": "/data/run", "checkpoint": {"storage": "/data/c"}})
+    assert S3FS in needed({"run_dir": "s3://b/run", "checkpoint": {"storage": "/data/c"}})
+    assert S3FS in needed({"run_dir": "/data/run", "checkpoint": {"storage": "s3://b/c"}})
