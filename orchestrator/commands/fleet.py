@@ -20,10 +20,13 @@ def fleet_config(overrides: list[str]):
 
 
 def cmd_fleet_up(args: argparse.Namespace) -> int:
+    from orchestrator.api.discovery import record_local_fleet
     from orchestrator.fleet import fleet
 
     cfg = fleet_config(args.overrides)
     outcome = fleet.up(cfg.fleet, cfg.state_dir)
+    # Where later commands find the local fleet's controller (which `launch` starts).
+    record_local_fleet(cfg.state_dir, cfg.fleet)
     views = fleet.resolve(cfg.fleet, cfg.state_dir)
     now = time.time()
     rows = [

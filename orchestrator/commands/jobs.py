@@ -1,84 +1,86 @@
-"""`spillway launch | status | logs | cancel | wait | metrics | resume`.
+"""`spillway launch | status | logs | cancel | wait | metrics | resume | migrate`.
 
-Requests that change a job go to the controller actor on the home cluster; reads come straight
-from its SQLite state (WAL lets them run beside the controller), so `status` works even while
-the controller restarts.
+A thin client of the controller's HTTP API (orchestrator/api): the CLI composes and checks run
+configs and prints; the controller alone owns its SQLite state. Where the CLI finds the
+controller is orchestrator.api.discovery's docstring. For the local fleet `launch` also starts
+the fleet and the controller when they are not up.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
 import sys
 import time
-from pathlib import Path
+from collections.abc import Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from orchestrator.api import discovery
+from orchestrator.api.client import ApiClient, ApiError, Rejected, Unreachable
 from orchestrator.commands.common import Refused
-from orchestrator.config import ConfigError, compose_run, spillway_home, validate
+from orchestrator.config import ConfigError, compose_run, spillway_home
 from orchestrator.console import duration, table
-from orchestrator.controller.job_states import TERMINAL, AttemptState, JobState
-from orchestrator.controller.jobs import allowed_world_sizes, job_record, job_request
-from orchestrator.controller.paths import attempt_dir
-from orchestrator.controller.requests import cancel_job, migrate_job, resume_job, submit_job
-from orchestrator.controller.state import ControllerState, InvalidTransition, JobRecord
-from orchestrator.fleet import fleet as fleet_mod
-from orchestrator.fleet.checks import validate_fleet
-from orchestrator.fleet.fleet import ClusterView
-from orchestrator.scheduling import ClusterSnapshot, infeasible
-from orchestrator.tracking.metrics import read_metrics
+from orchestrator.scheduling.admission import admit
+from orchestrator.scheduling.job_states import TERMINAL, JobState
 
-# ---- launch -------------------------------------------------------------------------------
+TERMINAL_NAMES = {s.value for s in TERMINAL}
+# How long `wait` keeps asking a controller that does not answer (Ray restarts a killed one).
+RIDE_OUT_S = 60.0
+POLL_S = 1.0
+
+
+def through_api(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Whatever the API says no with becomes the one-line refusal (exit 2)."""
+
+    @functools.wraps(func)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return func(args)
+        except ApiError as exc:
+            raise Refused(str(exc)) from None
+
+    return run
+
+
+# ---- finding the controller ---------------------------------------------------------------
+
+
+class NoController(ApiError):
+    pass
+
+
+def connect() -> ApiClient:
+    """The controller this SPILLWAY_HOME knows of, for commands that compose no run config."""
+    home = spillway_home()
+    endpoint = discovery.find(home, None)
+    if endpoint is None:
+        # No client.json: the default fleet's controller.url, or its local record.
+        fleet = compose_run([]).fleet
+        endpoint = discovery.find(home, fleet)
+        if endpoint is None:
+            raise NoController(
+                f"no controller known: {discovery.client_file(home)} does not exist and fleet "
+                f"{fleet.name} has none recorded (`spillway launch` or `spillway fleet up` "
+                "records the local fleet's; for another, write client.json with url and "
+                "token_path)"
+            )
+    return ApiClient(endpoint)
 
 
 def launch_config(overrides: list[str]) -> DictConfig:
     """The run config, refused with ConfigError unless some cluster of its fleet could run it."""
     cfg = compose_run(overrides)
-    validate_fleet(cfg.fleet)
-    sizes = allowed_world_sizes(cfg)
-    if not sizes:
-        low = cfg.resources.min_devices or cfg.resources.devices
-        raise ConfigError(
-            "resources.devices",
-            f"no world size from {low} to {cfg.resources.devices} divides "
-            f"trainer.global_batch_size={cfg.trainer.global_batch_size}",
-        )
-    device_types = {c.device_type for c in cfg.fleet.clusters.values()}
-    validate(cfg, sizes[0], device_type="cpu" if device_types == {"cpu"} else None)
-    # Static check: lease timing and free devices do not matter here, only whether it ever fits.
-    snapshots = [
-        ClusterSnapshot(
-            name=name,
-            kind=c.kind,
-            device_type=c.device_type,
-            devices_total=c.devices,
-            devices_free=c.devices,
-            cost_per_device_hour=c.cost_per_device_hour,
-            lease_start=0.0 if c.kind == "leased" else None,
-            lease_end=float("inf") if c.kind == "leased" else None,
-        )  # fmt: skip
-        for name, c in cfg.fleet.clusters.items()
-    ]
-    reason = infeasible(job_request(job_record("preview", cfg, overrides)), snapshots)
-    if reason:
-        key = (
-            "placement.clusters"
-            if cfg.placement.clusters and "placement.clusters" in reason
-            else "resources.devices"
-        )
-        raise ConfigError(key, reason)
+    admit(cfg)
     return cfg
-
-
-def home_cluster(cfg: DictConfig) -> ClusterView:
-    """Where the controller lives: the first owned cluster in fleet order."""
-    views = fleet_mod.resolve(cfg.fleet, cfg.state_dir)
-    return next(v for v in views if v.kind == "owned")
 
 
 def ensure_fleet(cfg: DictConfig) -> None:
     """A newcomer's first launch on the local fleet starts it, and says so."""
+    from orchestrator.fleet import fleet as fleet_mod
+
     views = fleet_mod.resolve(cfg.fleet, cfg.state_dir)
     stopped = [v.name for v in views if v.local and not v.running]
     if stopped:
@@ -86,178 +88,157 @@ def ensure_fleet(cfg: DictConfig) -> None:
         fleet_mod.up(cfg.fleet, cfg.state_dir)
 
 
-HEARTBEAT_STALE_S = 10.0
-
-
-def ensure_controller(cfg: DictConfig, state: ControllerState) -> None:
-    """Start the fleet's controller on its home cluster unless its heartbeat is fresh."""
-    from orchestrator.controller.service import FLEET_ENV, actor_name
-
-    beat = state.last_heartbeat(actor_name(cfg.fleet.name))
-    if beat is not None and time.time() - beat[2] < HEARTBEAT_STALE_S:
+def ensure_controller(cfg: DictConfig, client: ApiClient, fleet_cfg: dict) -> None:
+    """Nothing if the controller answers; else bootstrap it on the fleet's home head."""
+    try:
+        client.health()
         return
-    from ray.job_submission import JobSubmissionClient
+    except Unreachable as exc:
+        unreachable = exc
+    from orchestrator.api.bootstrap import start_controller
+    from orchestrator.fleet import fleet as fleet_mod
 
-    from orchestrator.fleet.tokens import auth_headers
-
-    home = home_cluster(cfg)
+    views = fleet_mod.resolve(cfg.fleet, cfg.state_dir)
+    home = next(v for v in views if v.kind == "owned")
+    if not (home.local or (home.dashboard_url and home.token)):
+        raise unreachable  # no way in to start it: say why it cannot be reached
     print(f"spillway: starting the controller on {home.name}...", file=sys.stderr)
-    client = JobSubmissionClient(home.dashboard_url, headers=auth_headers(home.token))
-    python = sys.executable if home.local else "python"
-    env = {"SPILLWAY_HOME": cfg.state_dir, FLEET_ENV: json.dumps(OmegaConf.to_container(cfg.fleet))}
-    boot = client.submit_job(
-        entrypoint=f"{python} -m orchestrator.controller.service", runtime_env={"env_vars": env}
+    token_env = fleet_cfg["controller"].get("token_env")
+    start_controller(
+        client, home, cfg.state_dir, fleet_cfg, os.environ.get(token_env) if token_env else None
     )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        beat = state.last_heartbeat(actor_name(cfg.fleet.name))
-        if beat is not None and time.time() - beat[2] < HEARTBEAT_STALE_S:
-            return
-        if (
-            client.get_job_status(boot).is_terminal()
-            and str(client.get_job_status(boot)) != "SUCCEEDED"
-        ):
-            raise RuntimeError(
-                f"the controller did not start:\n{client.get_job_logs(boot)[-3000:]}"
-            )
-        time.sleep(0.5)
-    raise RuntimeError("the controller started but never reported (no heartbeat within 120s)")
 
 
+def connect_for_launch(cfg: DictConfig) -> ApiClient:
+    """The controller a launch goes to: found as discovery says; for the local fleet (and a
+    remote home this CLI can reach the head of) started when it does not answer."""
+    home = cfg.state_dir
+    endpoint = discovery.find(home, cfg.fleet)
+    fleet_cfg = OmegaConf.to_container(cfg.fleet)
+    local = None
+    if discovery.is_local_home(cfg.fleet) and discovery.from_fleet(cfg.fleet) is None:
+        # Unless client.json names another controller, this home runs the local fleet's.
+        if endpoint is None or discovery.is_local_fleets(endpoint, home, cfg.fleet.name):
+            local = discovery.local_controller(home, cfg.fleet.name, create=True)
+            endpoint = local.endpoint()
+    if endpoint is None:
+        raise ConfigError(
+            "fleet.controller.url",
+            f"fleet {cfg.fleet.name} has no local home cluster and names no controller "
+            f"(set fleet.controller.url and token_path or token_env, or write "
+            f"{discovery.client_file(home)})",
+        )
+    client = ApiClient(endpoint)  # refuses an insecure URL or a missing token, before anything
+    from_client_file = endpoint.source == str(discovery.client_file(home))
+    if local is not None:
+        ensure_fleet(cfg)
+        ensure_controller(cfg, client, local.fleet_config(fleet_cfg))
+    elif not from_client_file:
+        ensure_controller(cfg, client, fleet_cfg)
+    if not from_client_file:
+        discovery.write_client_file(home, endpoint)  # for status, logs, ... later
+    return client
+
+
+# ---- launch -------------------------------------------------------------------------------
+
+
+@through_api
 def cmd_launch(args: argparse.Namespace) -> int:
     cfg = launch_config(args.overrides)
-    ensure_fleet(cfg)
-    state = ControllerState.open(Path(cfg.state_dir) / "controller.db")
-    ensure_controller(cfg, state)
-    job_id = submit_job(state, cfg, list(args.overrides), time.time())
+    client = connect_for_launch(cfg)
+    job_id = client.submit(OmegaConf.to_container(cfg), list(args.overrides))
     print(json.dumps({"job_id": job_id}) if args.json else job_id)
     if not args.wait:
         return 0
-    return follow(job_id, cfg.trainer.max_steps, timeout_s=None)
+    return follow(client, job_id, timeout_s=None)
 
 
-# ---- reading the state --------------------------------------------------------------------
+# ---- following a job ----------------------------------------------------------------------
 
 
-def open_state() -> ControllerState | None:
-    path = Path(spillway_home()) / "controller.db"
-    return ControllerState.open(path) if path.exists() else None
+class Patience:
+    """Failed requests are tolerated for RIDE_OUT_S in a row, then the last one is raised."""
+
+    def __init__(self, ride_out_s: float | None = None) -> None:
+        self.ride_out_s = RIDE_OUT_S if ride_out_s is None else ride_out_s
+        self.failing_since: float | None = None
+
+    def ok(self) -> None:
+        self.failing_since = None
+
+    def failed(self, exc: Unreachable) -> None:
+        now = time.monotonic()
+        self.failing_since = self.failing_since or now
+        if now - self.failing_since > self.ride_out_s:
+            raise Unreachable(f"{exc}; gave up after {self.ride_out_s:.0f}s of failed requests")
 
 
-def job_clusters(job: JobRecord) -> dict[str, ClusterView]:
-    fleet_cfg = OmegaConf.create(json.loads(job.run_config)["fleet"])
-    return {v.name: v for v in fleet_mod.resolve(fleet_cfg, spillway_home())}
-
-
-def job_metrics(state: ControllerState, job: JobRecord) -> list[dict]:
-    """Every metrics line of every attempt, tagged with its attempt and cluster."""
-    clusters = job_clusters(job)
-    lines = []
-    for a in state.attempts(job.job_id):
-        path = Path(attempt_dir(clusters[a.cluster], job.job_id, a.attempt)) / "metrics.jsonl"
-        if path.exists():
-            lines += [{**r, "attempt": a.attempt, "cluster": a.cluster} for r in read_metrics(path)]
-    return lines
-
-
-def _load(job_id: str) -> tuple[ControllerState, JobRecord] | None:
-    state = open_state()
-    job = state.get_job(job_id) if state else None
-    return (state, job) if job else None
-
-
-def require_job(job_id: str) -> tuple[ControllerState, JobRecord]:
-    loaded = _load(job_id)
-    if loaded is None:
-        raise Refused(f"no job {job_id}")
-    return loaded
-
-
-def follow(job_id: str, max_steps: int, timeout_s: float | None) -> int:
+def follow(client: ApiClient, job_id: str, timeout_s: float | None) -> int:
     """A progress bar of steps and loss until the job ends, and one of bytes while its
-    checkpoint is copied to another cluster; exit 0 only if it SUCCEEDED."""
+    checkpoint is copied to another cluster; exit 0 only if it SUCCEEDED, 124 on timeout.
+    A controller that stops answering (restarting) is waited for up to RIDE_OUT_S."""
     from tqdm import tqdm
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    bar = tqdm(total=max_steps, desc=job_id, unit="step", dynamic_ncols=True, file=sys.stderr)
-    copy_bar = None
+    bar = copy_bar = None
+    patience = Patience()
     try:
         while True:
-            loaded = _load(job_id)
-            if loaded:
-                state, job = loaded
-                lines = job_metrics(state, job)
-                if lines:
-                    bar.n = lines[-1]["step"]
-                    bar.set_postfix(
-                        loss=f"{lines[-1]['loss']:.4f}",
-                        cluster=lines[-1]["cluster"],
-                        state=job.state.value,
-                    )
+            try:
+                p = client.progress(job_id)
+                patience.ok()
+            except Unreachable as exc:
+                patience.failed(exc)
+                p = None
+                if bar is not None:
+                    bar.set_postfix_str("controller not answering; retrying")
+            if p is not None:
+                if bar is None:
+                    bar = tqdm(
+                        total=p["max_steps"], desc=job_id, unit="step", dynamic_ncols=True,
+                        file=sys.stderr,
+                    )  # fmt: skip
+                if p["step"] is not None:
+                    bar.n = p["step"]
+                    loss = f"{p['loss']:.4f}" if p["loss"] is not None else "-"
+                    bar.set_postfix(loss=loss, cluster=p["cluster"], state=p["state"])
                     bar.refresh()
-                attempt = state.latest_attempt(job_id)
-                if attempt and attempt.state == AttemptState.PREPARING and attempt.copy_bytes_total:
+                copy = p["copy"]
+                if copy:
                     if copy_bar is None:
                         copy_bar = tqdm(
-                            total=attempt.copy_bytes_total, desc=f"checkpoint to {attempt.cluster}",
+                            total=copy["total"], desc=f"checkpoint to {copy['cluster']}",
                             unit="B", unit_scale=True, dynamic_ncols=True, file=sys.stderr,
                         )  # fmt: skip
-                    copy_bar.update(attempt.copy_bytes_done - copy_bar.n)
+                    copy_bar.update(copy["done"] - copy_bar.n)
                 elif copy_bar is not None:
                     copy_bar.close()
                     copy_bar = None
-                if job.state in TERMINAL:
+                if p["state"] in TERMINAL_NAMES:
                     bar.close()
-                    print(f"{job_id}: {job.state.value} ({job.reason})", file=sys.stderr)
-                    return 0 if job.state == JobState.SUCCEEDED else 1
+                    print(f"{job_id}: {p['state']} ({p['reason']})", file=sys.stderr)
+                    return 0 if p["state"] == JobState.SUCCEEDED.value else 1
             if deadline is not None and time.monotonic() > deadline:
-                bar.close()
+                if bar is not None:
+                    bar.close()
                 print(f"spillway: {job_id} not finished after {timeout_s:.0f}s", file=sys.stderr)
                 return 124
-            time.sleep(1.0)
+            time.sleep(POLL_S)
     finally:
         if copy_bar is not None:
             copy_bar.close()
-        bar.close()
+        if bar is not None:
+            bar.close()
 
 
+@through_api
 def cmd_wait(args: argparse.Namespace) -> int:
-    _, job = require_job(args.job)
-    max_steps = json.loads(job.run_config)["trainer"]["max_steps"]
-    return follow(args.job, max_steps, args.timeout)
+    # An unknown job is refused at once (404); a controller that does not answer is waited for.
+    return follow(connect(), args.job, args.timeout)
 
 
-def _attempts_json(state: ControllerState, job_id: str) -> list[dict]:
-    """Each attempt's record, plus resume_s: from the previous attempt's drain or fault to this
-    attempt's first step (what moving or recovering cost in wall time)."""
-    out, before = [], None
-    for a in state.attempts(job_id):
-        row = {**{k: getattr(a, k) for k in a.__dataclass_fields__}, "state": a.state.value}
-        since = before and (before.interrupted_at or before.ended_at)
-        row["resume_s"] = a.first_step_at - since if since and a.first_step_at else None
-        out.append(row)
-        before = a
-    return out
-
-
-def _job_json(state: ControllerState, job: JobRecord, detail: bool) -> dict:
-    out = {
-        "job_id": job.job_id, "name": job.name, "state": job.state.value, "reason": job.reason,
-        "submitted_at": job.submitted_at, "updated_at": job.updated_at, "cost": job.cost_so_far,
-        "restarts": job.restarts, "attempts": _attempts_json(state, job.job_id),
-    }  # fmt: skip
-    if detail:
-        out["checkpoints"] = [
-            {"step": c.step, "cluster": c.cluster, "url": c.url, "bytes": c.bytes,
-             "verified": c.verified, "recorded_at": c.recorded_at}
-            for c in state.checkpoints(job.job_id)
-        ]  # fmt: skip
-        out["events"] = [
-            {"at": e.at, "kind": e.kind, "from": e.from_state and e.from_state.value,
-             "to": e.to_state and e.to_state.value, "cause": e.cause, "attempt": e.attempt}
-            for e in state.events(job.job_id)
-        ]  # fmt: skip
-    return out
+# ---- status -------------------------------------------------------------------------------
 
 
 def _megabytes(n: int | None) -> str | None:
@@ -276,60 +257,68 @@ def _copy_line(a: dict, now: float) -> str | None:
     )
 
 
+def _print_job(info: dict) -> None:
+    print(
+        f"{info['job_id']}  {info['name']}  {info['state']}  cost {info['cost']:.4f}  "
+        f"restarts {info['restarts']}  ({info['reason']})"
+    )
+    now = time.time()
+    print(table(
+        ("attempt", "cluster", "world", "state", "steps", "redone", "resume", "copied",
+         "started", "ended", "cost"),
+        [(a["attempt"], a["cluster"], a["world_size"], a["state"],
+          f"{a['first_step']}-{a['last_step']}" if a["first_step"] else None,
+          a["steps_redone"] if a["attempt"] > 1 else None,
+          f"{a['resume_s']:.1f}s" if a["resume_s"] is not None else None,
+          _megabytes(a["copy_bytes_done"] if a["copy_s"] is not None else None),
+          duration(now - a["started_at"]) + " ago" if a["started_at"] else None,
+          duration(now - a["ended_at"]) + " ago" if a["ended_at"] else None, f"{a['cost']:.4f}")
+         for a in info["attempts"]],
+    ))  # fmt: skip
+    for a in info["attempts"]:
+        if line := _copy_line(a, now):
+            print(line)
+    if info["checkpoints"]:
+        print("checkpoints: " + ", ".join(
+            f"{c['step']} on {c['cluster']} ({_megabytes(c['bytes'])}"
+            f"{', verified copy' if c['verified'] else ''})" for c in info["checkpoints"]
+        ))  # fmt: skip
+    print(table(
+        ("when", "event", "cause"),
+        [(time.strftime("%H:%M:%S", time.localtime(e["at"])),
+          f"{e['from'] or ''}->{e['to']}" if e["to"] else e["kind"], e["cause"]) for e in info["events"]],
+    ))  # fmt: skip
+
+
+@through_api
 def cmd_status(args: argparse.Namespace) -> int:
-    state = open_state()
-    jobs = state.list_jobs() if state else []
     if args.job:
-        state, job = require_job(args.job)
-        info = _job_json(state, job, detail=True)
+        info = connect().job(args.job)
         if args.json:
             print(json.dumps(info, indent=1))
-            return 0
-        print(
-            f"{job.job_id}  {job.name}  {job.state.value}  cost {job.cost_so_far:.4f}  "
-            f"restarts {job.restarts}  ({job.reason})"
-        )
-        now = time.time()
-        print(table(
-            ("attempt", "cluster", "world", "state", "steps", "redone", "resume", "copied",
-             "started", "ended", "cost"),
-            [(a["attempt"], a["cluster"], a["world_size"], a["state"],
-              f"{a['first_step']}-{a['last_step']}" if a["first_step"] else None,
-              a["steps_redone"] if a["attempt"] > 1 else None,
-              f"{a['resume_s']:.1f}s" if a["resume_s"] is not None else None,
-              _megabytes(a["copy_bytes_done"] if a["copy_s"] is not None else None),
-              duration(now - a["started_at"]) + " ago" if a["started_at"] else None,
-              duration(now - a["ended_at"]) + " ago" if a["ended_at"] else None, f"{a['cost']:.4f}")
-             for a in info["attempts"]],
-        ))  # fmt: skip
-        for a in info["attempts"]:
-            if line := _copy_line(a, now):
-                print(line)
-        if info["checkpoints"]:
-            print("checkpoints: " + ", ".join(
-                f"{c['step']} on {c['cluster']} ({_megabytes(c['bytes'])}"
-                f"{', verified copy' if c['verified'] else ''})" for c in info["checkpoints"]
-            ))  # fmt: skip
-        print(table(
-            ("when", "event", "cause"),
-            [(time.strftime("%H:%M:%S", time.localtime(e["at"])),
-              f"{e['from'] or ''}->{e['to']}" if e["to"] else e["kind"], e["cause"]) for e in info["events"]],
-        ))  # fmt: skip
+        else:
+            _print_job(info)
         return 0
+    try:
+        jobs = connect().jobs()
+    except NoController:
+        jobs = []  # nothing was ever launched from this SPILLWAY_HOME
     if args.json:
-        print(json.dumps({"jobs": [_job_json(state, j, detail=False) for j in jobs]}, indent=1))
+        print(json.dumps({"jobs": jobs}, indent=1))
         return 0
     rows = []
     for j in jobs:
-        a = state.latest_attempt(j.job_id)
-        rows.append((j.job_id, j.name, j.state.value, a and a.cluster, a and a.world_size,
-                     a and a.last_step, f"{j.cost_so_far:.4f}", j.reason))  # fmt: skip
+        a = j["attempts"][-1] if j["attempts"] else None
+        rows.append((j["job_id"], j["name"], j["state"], a and a["cluster"],
+                     a and a["world_size"], a and a["last_step"], f"{j['cost']:.4f}",
+                     j["reason"]))  # fmt: skip
     print(table(("job", "name", "state", "cluster", "world", "step", "cost", "why"), rows))
     return 0
 
 
+@through_api
 def cmd_metrics(args: argparse.Namespace) -> int:
-    lines = job_metrics(*require_job(args.job))
+    lines = connect().metrics(args.job)
     if args.json:
         for line in lines:
             print(json.dumps(line))
@@ -342,61 +331,60 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+@through_api
 def cmd_logs(args: argparse.Namespace) -> int:
-    from orchestrator.backends.ray_jobs import RayJobsBackend
-
-    state, job = require_job(args.job)
-    attempt = state.latest_attempt(job.job_id)
-    if attempt is None or attempt.ray_job_id is None:
-        raise Refused(f"job {args.job} has not started yet ({job.reason})")
-    backend = RayJobsBackend(job_clusters(job)[attempt.cluster])
-    if args.follow:
-        for chunk in backend.follow_logs(attempt.ray_job_id):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
-    else:
-        sys.stdout.write(backend.logs(attempt.ray_job_id))
+    client = connect()
+    got = client.logs(args.job)
+    sys.stdout.write(got["text"])
+    sys.stdout.flush()
+    patience = Patience()
+    while args.follow and not got["done"]:
+        time.sleep(POLL_S)
+        try:
+            got = client.logs(args.job, got["attempt"], got["offset"])
+            patience.ok()
+        except Unreachable as exc:
+            patience.failed(exc)
+            continue
+        sys.stdout.write(got["text"])
+        sys.stdout.flush()
     return 0
 
 
+@through_api
 def cmd_cancel(args: argparse.Namespace) -> int:
-    state, job = require_job(args.job)
-    job = cancel_job(state, args.job, time.time())
-    print(f"{args.job}: {job.state.value}")
+    job = connect().cancel(args.job)
+    print(f"{args.job}: {job['state']}")
     return 0
 
 
+@through_api
 def cmd_resume(args: argparse.Namespace) -> int:
-    state, job = require_job(args.job)
-    if job.state not in TERMINAL:
+    client = connect()
+    info = client.job(args.job)
+    if info["state"] not in TERMINAL_NAMES:
         raise Refused(
-            f"job {args.job} is {job.state.value}; only a finished, failed or cancelled job resumes"
+            f"job {args.job} is {info['state']}; only a finished, failed or cancelled job resumes"
         )
-    overrides = [*job.overrides, *args.overrides]
+    overrides = [*info["overrides"], *args.overrides]
     cfg = launch_config(overrides)
-    ensure_fleet(cfg)
-    ensure_controller(cfg, state)
-    print(f"{args.job}: {resume_job(state, args.job, cfg, overrides, time.time()).state.value}")
+    job = client.resume(args.job, OmegaConf.to_container(cfg), overrides)
+    print(f"{args.job}: {job['state']}")
     return 0
 
 
+@through_api
 def cmd_migrate(args: argparse.Namespace) -> int:
-    state, job = require_job(args.job)
-    clusters = job_clusters(job)
-    if args.to not in clusters:
-        raise Refused(f"--to {args.to}: no such cluster (allowed: {', '.join(clusters)})")
-    if job.state != JobState.RUNNING:
-        raise Refused(f"job {args.job} is {job.state.value}; only a running job migrates")
+    client = connect()
     try:
-        job = migrate_job(state, args.job, args.to, time.time())
-    except InvalidTransition as exc:
-        raise Refused(str(exc)) from None
-    print(
-        f"{args.job}: {job.state.value} (drains at its next step boundary, then moves to {args.to})"
-    )
+        job = client.migrate(args.job, args.to)
+    except Rejected as exc:
+        if exc.key == "to":
+            raise Refused(f"--to {args.to}: {str(exc).split(': ', 1)[-1]}") from None
+        raise
+    print(f"{args.job}: {job['state']} (drains at its next step boundary, then moves to {args.to})")
     if args.wait:
-        max_steps = json.loads(job.run_config)["trainer"]["max_steps"]
-        return follow(args.job, max_steps, None)
+        return follow(client, args.job, None)
     return 0
 
 

@@ -466,6 +466,10 @@ class Controller:
 
     def _snapshot(self, cluster: ClusterView) -> ClusterSnapshot:
         used = self.state.devices_in_use(cluster.name)
+        lease = (cluster.lease_start, cluster.lease_end)
+        if cluster.kind == "leased" and None in lease:
+            # A local lease whose cluster never came up has not begun: an empty window.
+            lease = (0.0, 0.0)
         return ClusterSnapshot(
             name=cluster.name,
             kind=cluster.kind,
@@ -473,8 +477,8 @@ class Controller:
             devices_total=cluster.devices,
             devices_free=max(0, cluster.devices - used),
             cost_per_device_hour=cluster.cost_per_device_hour,
-            lease_start=cluster.lease_start,
-            lease_end=cluster.lease_end,
+            lease_start=lease[0],
+            lease_end=lease[1],
             reachable=cluster.running and self._probe(cluster).reachable,
         )
 

@@ -8,13 +8,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from orchestrator.controller.state import JobRecord
 from orchestrator.scheduling import JobRequest
+from orchestrator.scheduling.admission import allowed_world_sizes
 
-
-def allowed_world_sizes(cfg: DictConfig) -> list[int]:
-    """World sizes from resources.min_devices to resources.devices that divide the global batch."""
-    high = cfg.resources.devices
-    low = cfg.resources.min_devices if cfg.resources.min_devices is not None else high
-    return [w for w in range(max(1, low), high + 1) if cfg.trainer.global_batch_size % w == 0]
+__all__ = ["allowed_world_sizes", "job_record", "job_request"]
 
 
 def job_record(job_id: str, cfg: DictConfig, overrides: list[str]) -> JobRecord:

@@ -1,8 +1,9 @@
 """What a user asks of the controller, written into its state for its loop to carry out.
 
-The CLI never joins a Ray cluster: it records the request (a new PENDING job, a job marked
-CANCELLED, a finished job back to PENDING) and the controller's next reconcile makes the
-clusters match. Transitions are compare-and-set, so a request and the loop cannot both win.
+The API server (orchestrator.api) calls these under the controller's lock and then wakes the
+loop: a request records the change (a new PENDING job, a job marked CANCELLED, a finished job
+back to PENDING, a running one DRAINING towards another cluster) and the next reconcile makes
+the clusters match. Transitions are compare-and-set, so a request and the loop cannot both win.
 """
 
 from __future__ import annotations
