@@ -64,7 +64,9 @@ def start_controller(
     jobs = bounded(
         lambda: JobSubmissionClient(home.dashboard_url, headers=auth_headers(home.token)), where
     )
-    env = {"SPILLWAY_HOME": state_dir, FLEET_ENV: json.dumps(fleet_cfg)}
+    env = {FLEET_ENV: json.dumps(fleet_cfg)}
+    if home.local:
+        env["SPILLWAY_HOME"] = state_dir  # this machine's; a remote head keeps its own
     token_env = (fleet_cfg.get("controller") or {}).get("token_env")
     if token_env and token_env_value:
         env[token_env] = token_env_value

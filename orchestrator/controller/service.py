@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from orchestrator.api.protocol import FLEET_ENV
 from orchestrator.api.server import ApiServer
+from orchestrator.config import spillway_home
 from orchestrator.controller.controller import Controller
 from orchestrator.fleet.tokens import read_token
 
@@ -117,7 +118,8 @@ def bootstrap() -> None:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    state_dir = os.environ["SPILLWAY_HOME"]
+    # A remote head keeps its own state dir (its SPILLWAY_HOME, else ~/.spillway).
+    state_dir = spillway_home()
     fleet_cfg = json.loads(os.environ[FLEET_ENV])
     ray.init(address="auto", namespace=NAMESPACE)
     # The Jobs API runs this driver on the head: pin the actor (and its restarts) to it.
