@@ -117,7 +117,11 @@ def run_attempt(spec: AttemptSpec, run_config: dict[str, Any], wanted: list[str]
         )
         remove_placement_group(pg)
         return exit_codes.NO_CAPACITY
-    _say(f"reserved {spec.world_size} device(s) in {time.monotonic() - began:.2f}s")
+    nodes = set(ray.util.placement_group_table(pg).get("bundles_to_node_id", {}).values())
+    _say(
+        f"reserved {spec.world_size} device(s) on {len(nodes)} node(s) "
+        f"in {time.monotonic() - began:.2f}s"
+    )
 
     try:
         ranks, problems, master = _start_ranks(spec, pg, wanted)

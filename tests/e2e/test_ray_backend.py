@@ -71,7 +71,7 @@ def test_attempt_trains_on_home_and_is_submitted_once(clusters):
     assert [r["step"] for r in records] == list(range(1, 7))
     assert {r["world_size"] for r in records} == {2}
     logs = home.logs(ray_job_id)
-    assert "reserved 2 device(s)" in logs and "committed checkpoint step 6" in logs
+    assert "reserved 2 device(s) on 1 node(s)" in logs and "committed checkpoint step 6" in logs
 
 
 def test_a_gang_that_cannot_be_reserved_fails_with_its_own_exit_code(clusters):
