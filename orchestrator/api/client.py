@@ -203,8 +203,10 @@ class ApiClient:
     def metrics(self, job_id: str) -> list[dict]:
         return self.request("GET", f"/jobs/{_quote(job_id)}/metrics")["metrics"]
 
-    def logs(self, job_id: str, attempt: int | None = None, offset: int = 0) -> dict:
-        query = {"attempt": attempt, "offset": offset}
+    def logs(
+        self, job_id: str, attempt: int | None = None, offset: int = 0, only: int | None = None
+    ) -> dict:
+        query = {"attempt": attempt, "offset": offset, "only": only}
         return self.request("GET", f"/jobs/{_quote(job_id)}/logs", query=query)
 
     def cancel(self, job_id: str) -> dict:

@@ -14,7 +14,7 @@ Reads take no lock: each is a consistent SQLite read, and a long tick must not s
     GET  /v1/jobs/{id}                 attempts, checkpoints, events (status --json)
     GET  /v1/jobs/{id}/progress        state, reason, max_steps, step, loss, cluster, copy
     GET  /v1/jobs/{id}/metrics         {metrics: [...]}
-    GET  /v1/jobs/{id}/logs            ?attempt=N&offset=M -> {attempt, text, offset, done}
+    GET  /v1/jobs/{id}/logs            ?attempt=N&offset=M (or ?only=N) -> {attempt, text, offset, done}
     POST /v1/jobs/{id}/cancel
     POST /v1/jobs/{id}/resume          {run_config, overrides}
     POST /v1/jobs/{id}/migrate         {to}
@@ -231,11 +231,14 @@ class ApiServer:
         try:
             attempt = int(request.query["attempt"]) if "attempt" in request.query else None
             offset = int(request.query.get("offset", "0"))
+            only = int(request.query["only"]) if "only" in request.query else None
         except ValueError:
-            raise BadRequest("attempt and offset: must be whole numbers", key="offset") from None
+            raise BadRequest(
+                "attempt, offset and only: must be whole numbers", key="offset"
+            ) from None
         return web.json_response(
             await self._in(
-                self._cluster_pool, views.logs_json, self.controller, job_id, attempt, offset
+                self._cluster_pool, views.logs_json, self.controller, job_id, attempt, offset, only
             )
         )
 

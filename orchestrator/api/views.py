@@ -103,21 +103,28 @@ def metrics_json(controller: Controller, job_id: str) -> dict:
     return {"metrics": controller.job_metrics(job_id)}
 
 
-def logs_json(controller: Controller, job_id: str, attempt: int | None, offset: int) -> dict:
+def logs_json(
+    controller: Controller, job_id: str, attempt: int | None, offset: int, only: int | None = None
+) -> dict:
     """The latest attempt's Ray job logs from `offset` on, when `attempt` is that attempt;
-    whole otherwise (a new attempt starts a new log). `done`: nothing more will be written."""
+    whole otherwise (a new attempt starts a new log). `only`: attempt `only`'s logs instead,
+    whole. `done`: nothing more will be written."""
     job = require_job(controller.state, job_id)
+    latest = controller.state.latest_attempt(job_id)
+    if only is not None and (only < 1 or latest is None or only > latest.attempt):
+        raise NotFound(f"job {job_id} has no attempt {only}")
+    earlier = only is not None and only < latest.attempt
     try:
-        found = controller.job_logs(job_id)
+        found = controller.job_logs(job_id, only if earlier else None)
     except Exception as exc:  # the cluster's Jobs API, or a cluster gone from the fleet
         raise Upstream(f"cannot read the logs of job {job_id}: {exc}") from None
     if found is None:
         raise Conflict(f"job {job_id} has not started yet ({job.reason})")
     record, text = found
-    start = offset if attempt == record.attempt and 0 <= offset <= len(text) else 0
+    start = offset if attempt == record.attempt and 0 <= offset <= len(text) and only is None else 0
     job = require_job(controller.state, job_id)
     latest = controller.state.latest_attempt(job_id)
-    done = (
+    done = earlier or (
         job.state in TERMINAL
         and latest is not None
         and latest.attempt == record.attempt

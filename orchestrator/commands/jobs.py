@@ -334,7 +334,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 @through_api
 def cmd_logs(args: argparse.Namespace) -> int:
     client = connect()
-    got = client.logs(args.job)
+    got = client.logs(args.job, only=args.attempt)
     sys.stdout.write(got["text"])
     sys.stdout.flush()
     patience = Patience()
@@ -405,6 +405,7 @@ def add_parsers(sub) -> None:
     logs = sub.add_parser("logs", help="the Ray job logs of a job's latest attempt")
     logs.add_argument("job")
     logs.add_argument("-f", "--follow", action="store_true")
+    logs.add_argument("--attempt", type=int, metavar="N", help="an earlier attempt's logs")
     logs.set_defaults(func=cmd_logs)
 
     for name, func, text in (("cancel", cmd_cancel, "stop a job"),):

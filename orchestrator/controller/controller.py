@@ -389,9 +389,15 @@ class Controller:
             lines += [{**r, "attempt": a.attempt, "cluster": a.cluster} for r in records]
         return lines
 
-    def job_logs(self, job_id: str) -> tuple[AttemptRecord, str] | None:
-        """The Ray job logs of the job's latest submitted attempt, or None before it has one."""
-        attempt = self.state.latest_attempt(job_id)
+    def job_logs(
+        self, job_id: str, number: int | None = None
+    ) -> tuple[AttemptRecord, str] | None:
+        """The Ray job logs of attempt `number` (default: the latest), or None before it was
+        submitted. An earlier attempt's logs are there as long as its cluster keeps them."""
+        if number is None:
+            attempt = self.state.latest_attempt(job_id)
+        else:
+            attempt = self.state.get_attempt(job_id, number)
         if attempt is None or attempt.ray_job_id is None:
             return None
         return attempt, self._backend(self.clusters()[attempt.cluster]).logs(attempt.ray_job_id)
