@@ -132,7 +132,15 @@ class ClusterConfig:
     # Lease window: ISO-8601 times, or offsets from `fleet up` such as +0s, +30m, +2h.
     lease_start: str | None = None
     lease_end: str | None = None
-    num_cpus: int | None = None  # local clusters: CPUs the raylet advertises
+    num_cpus: int | None = None  # local clusters: CPUs the raylets advertise, all nodes together
+    # Local clusters: a head plus nodes - 1 worker raylets, devices and CPUs split evenly.
+    nodes: int = 1
+    # Local clusters: run in a private mount namespace that hides the controller's state dir,
+    # the other clusters' storage roots and Spillway's sources, as on another machine.
+    isolated: bool = False
+    # Local clusters: storage_root (s3://BUCKET/...) is served by the fleet's own S3 server,
+    # which `fleet up` starts; its endpoint and keys reach the cluster's processes.
+    local_s3: bool = False
 
 
 @dataclass

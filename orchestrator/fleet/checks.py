@@ -5,6 +5,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from orchestrator.config import ConfigError
+from orchestrator.fleet.environment import controller_cluster
 from orchestrator.fleet.leases import resolve_time
 
 
@@ -38,3 +39,55 @@ def validate_fleet(fleet: DictConfig) -> None:
                 resolve_time(c[field], 0.0)
             except ValueError as exc:
                 raise ConfigError(f"{key}.{field}", str(exc)) from None
+        _check_storage(key, c)
+        _check_local_shape(key, c, is_controller_host=name == controller_cluster(fleet))
+
+
+def _check_storage(key: str, c: DictConfig) -> None:
+    if c.storage_credentials_file and c.storage_credentials_env:
+        raise ConfigError(
+            f"{key}.storage_credentials_env",
+            "is set beside storage_credentials_file (allowed: one of them)",
+        )
+    if not c.local_s3:
+        return
+    if not c.local:
+        raise ConfigError(
+            f"{key}.local_s3", "only a local cluster uses the fleet's S3 server (set local: true)"
+        )
+    if not str(c.storage_root).startswith("s3://") or not str(c.storage_root)[5:].split("/")[0]:
+        raise ConfigError(
+            f"{key}.storage_root",
+            f"'{c.storage_root}' is not on the fleet's S3 server (allowed: s3://BUCKET/...)",
+        )
+    if "endpoint_url" in (c.storage_options or {}):
+        raise ConfigError(
+            f"{key}.storage_options.endpoint_url",
+            "is set on a local_s3 cluster, whose endpoint is the fleet's own S3 server",
+        )
+
+
+def _check_local_shape(key: str, c: DictConfig, is_controller_host: bool) -> None:
+    if c.nodes < 1:
+        raise ConfigError(f"{key}.nodes", f"must be >= 1, got {c.nodes}")
+    if c.nodes > 1 and not c.local:
+        raise ConfigError(
+            f"{key}.nodes", "only a local cluster is started with nodes (set local: true)"
+        )
+    if c.devices % c.nodes:
+        raise ConfigError(
+            f"{key}.nodes", f"{c.nodes} nodes cannot split {c.devices} devices evenly"
+        )
+    if c.num_cpus is not None and (c.num_cpus < c.nodes or c.num_cpus % c.nodes):
+        raise ConfigError(
+            f"{key}.num_cpus", f"{c.num_cpus} CPUs cannot be split evenly over {c.nodes} nodes"
+        )
+    if c.isolated and not c.local:
+        raise ConfigError(
+            f"{key}.isolated", "only a local cluster is started isolated (set local: true)"
+        )
+    if c.isolated and is_controller_host:
+        raise ConfigError(
+            f"{key}.isolated",
+            "the controller's cluster (the first owned one) needs its state dir: not isolated",
+        )

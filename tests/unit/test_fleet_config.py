@@ -58,12 +58,53 @@ def test_shipped_fleets_validate():
         (["fleet.clusters.partner.lease_end=null"], "fleet.clusters.partner.lease_end"),
         (["fleet.clusters.partner.lease_end=soon"], "fleet.clusters.partner.lease_end"),
         (["fleet.clusters.home.local=false"], "fleet.clusters.home.address"),
+        (["fleet.clusters.partner.nodes=0"], "fleet.clusters.partner.nodes"),
+        (["fleet.clusters.partner.nodes=3"], "fleet.clusters.partner.nodes"),
+        (["fleet.clusters.partner.num_cpus=7"], "fleet.clusters.partner.num_cpus"),
+        (["fleet.clusters.home.isolated=true"], "fleet.clusters.home.isolated"),
+        (
+            ["fleet.clusters.partner.storage_root=/data/partner"],
+            "fleet.clusters.partner.storage_root",
+        ),
+        (["fleet.clusters.partner.storage_root=s3://"], "fleet.clusters.partner.storage_root"),
+        (
+            ["+fleet.clusters.partner.storage_options.endpoint_url=http://127.0.0.1:1"],
+            "fleet.clusters.partner.storage_options.endpoint_url",
+        ),
+        (
+            ["fleet.clusters.partner.storage_credentials_env=PARTNER_S3"],
+            "fleet.clusters.partner.storage_credentials_env",
+        ),
     ],
 )
 def test_bad_fleets_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as err:
         validate_fleet(compose_run(overrides).fleet)
     assert err.value.key == key
+
+
+@pytest.mark.parametrize("field", ["nodes=2", "isolated=true", "local_s3=true"])
+def test_only_a_local_cluster_takes_local_only_settings(field):
+    name = field.split("=")[0]
+    cfg = compose_run(["fleet=example_partner", f"fleet.clusters.partner.{field}"])
+    with pytest.raises(ConfigError) as err:
+        validate_fleet(cfg.fleet)
+    assert err.value.key == f"fleet.clusters.partner.{name}"
+
+
+def test_the_local_partner_is_isolated_on_two_nodes_with_its_bucket_and_home_is_not():
+    clusters = compose_run([]).fleet.clusters
+    assert (clusters.partner.isolated, clusters.partner.nodes, clusters.partner.local_s3) == (
+        True,
+        2,
+        True,
+    )
+    assert clusters.partner.storage_root.startswith("s3://")
+    assert (clusters.home.isolated, clusters.home.nodes, clusters.home.local_s3) == (
+        False,
+        1,
+        False,
+    )
 
 
 def test_durations_and_tables_read_well():
