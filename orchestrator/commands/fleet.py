@@ -44,6 +44,8 @@ def cmd_fleet_up(args: argparse.Namespace) -> int:
     print(
         table(("cluster", "kind", "state", "address", "dashboard", "devices", "lease left"), rows)
     )
+    if "s3-server" in outcome:
+        print(f"s3 server: {outcome['s3-server']}")
     return 0
 
 

@@ -7,7 +7,9 @@ on 1, 2 or 8 ranks and the only data position to keep is the step.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,6 +117,17 @@ def repo_text_files(roots: list[Path] | None = None) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def repo_text_cache() -> str:
+    """Where a cluster keeps the repo_text corpus when data.path is null: its own temp dir,
+    since the path a run config was resolved with at launch may not exist there. Named by
+    the corpus's digest, so another version of Spillway never reads a stale one."""
+    digest = hashlib.sha256()
+    for p in repo_text_files():
+        digest.update(p.read_bytes())
+    name = f"repo_text-{digest.hexdigest()[:12]}.bin"
+    return os.path.join(tempfile.gettempdir(), "spillway-data", name)
+
+
 def build_repo_text_bin(out_path: str, roots: list[Path] | None = None) -> int:
     """Write the byte-level corpus once; ranks racing here write identical bytes, renamed atomically."""
     out = Path(out_path)
@@ -131,9 +144,11 @@ def build_repo_text_bin(out_path: str, roots: list[Path] | None = None) -> int:
 def make_token_source(data_cfg) -> SyntheticTokens | MemmapTokens:
     if data_cfg.kind == "synthetic":
         return SyntheticTokens(data_cfg.vocab_size, data_cfg.seq_len, data_cfg.seed)
+    path = data_cfg.path
     if data_cfg.kind == "repo_text":
-        build_repo_text_bin(data_cfg.path)
-    return MemmapTokens(data_cfg.path, data_cfg.dtype, data_cfg.seq_len, data_cfg.seed)
+        path = path or repo_text_cache()
+        build_repo_text_bin(path)
+    return MemmapTokens(path, data_cfg.dtype, data_cfg.seq_len, data_cfg.seed)
 
 
 def micro_batches(

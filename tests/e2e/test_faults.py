@@ -100,6 +100,17 @@ def test_1_a_planned_lease_end_moves_the_job_home_on_another_world_size(
     causes = [e["cause"] for e in info["events"]]
     assert any(c.startswith("lease on partner ends in") for c in causes), causes
     assert info["restarts"] == 0
+    # The gang spanned the partner's two nodes, ran Spillway from its runtime_env, and its
+    # checkpoint came out of the partner's bucket to home's disk.
+    there = spillway("logs", j, "--attempt", "1")
+    assert there.returncode == 0, there.stderr[-2000:]
+    assert "reserved 4 device(s) on 2 node(s)" in there.stdout, there.stdout[-3000:]
+    imported = [x for x in there.stdout.splitlines() if "Spillway imported from " in x]
+    assert imported and "runtime_resources" in imported[0], imported
+    sources = {v.name: v.storage_root for v in views(fleet_home)}
+    assert sources["partner"].startswith("s3://") and not sources["home"].startswith("s3://")
+    catalog_rows = info["checkpoints"]
+    assert any(c["cluster"] == "home" and c["verified"] for c in catalog_rows), catalog_rows
     assert_losses_match(metrics(spillway, j), reference.losses(), CROSS_WORLD)
 
 

@@ -68,7 +68,8 @@ def test_run_trains_on_repo_text_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = home / "runs" / "gpt-tiny-repo_text"
     assert f"run dir {run_dir}" in first.stderr
-    assert (home / "data" / "repo_text.bin").stat().st_size > 50_000
+    (corpus,) = (home / "tmp" / "spillway-data").glob("repo_text-*.bin")
+    assert corpus.stat().st_size > 50_000
 
     second = spillway(*args, home=home)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -32,7 +32,5 @@ listing = sorted(
 )
 train(compose_run(common))
 print(
-    json.dumps(
-        {"listing": listing, "steps": [r["step"] for r in RunDir(run_dir).read_metrics()]}
-    )
+    json.dumps({"listing": listing, "steps": [r["step"] for r in RunDir(run_dir).read_metrics()]})
 )
