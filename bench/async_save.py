@@ -24,16 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
-REPO = Path(__file__).resolve().parents[1]
+import common  # bench/common.py (this directory is on sys.path)
+from common import median
+
 HERE = Path(__file__).resolve()
 
 
@@ -48,7 +46,6 @@ def worker(argv: list[str]) -> None:
     import torch
     import torch.distributed as dist
     import torch.nn.functional as F
-    import yaml
 
     from orchestrator.checkpoint.distributed import Checkpointer
     from orchestrator.checkpoint.manifest import verify
@@ -59,16 +56,12 @@ def worker(argv: list[str]) -> None:
 
     device = init_distributed("cpu", 600)
     rank = dist.get_rank()
-    args = ModelArgs(
-        **yaml.safe_load((REPO / "orchestrator" / "conf" / "model" / f"{a.model}.yaml").read_text())
-    )
+    args = ModelArgs(**common.conf_yaml("model", a.model))
     with torch.device(device):
         model = Transformer(args)
     model.init_weights(seed=0)
     model = parallelize(model, build_mesh("cpu"), "fp32", False, False)
-    optim_cfg = SimpleNamespace(
-        **yaml.safe_load((REPO / "orchestrator" / "conf" / "optim" / "adamw.yaml").read_text())
-    )
+    optim_cfg = SimpleNamespace(**common.conf_yaml("optim", "adamw"))
     optimizer = build_optimizer(model, optim_cfg)
 
     # One real step, so AdamW's exp_avg / exp_avg_sq exist and are saved.
@@ -147,42 +140,23 @@ def _ms(s: float) -> str:
     return f"{s * 1e3:8.1f} ms"
 
 
-def driver(a: argparse.Namespace) -> None:
+def driver(a: argparse.Namespace, tmp: Path) -> None:
     from machine import CpuWatch, describe
 
-    tmp = Path(tempfile.mkdtemp(prefix="spillway-bench-async-"))
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // a.nproc)))
-    env["SPILLWAY_HOME"] = str(tmp / "home")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    env = common.bench_env(tmp / "home", omp_threads=common.threads_per_rank(a.nproc))
     out = tmp / "result.json"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}",
-        str(HERE), "--worker", f"--model={a.model}", f"--reps={a.reps}",
+    cmd = common.torchrun(
+        a.nproc, str(HERE), "--worker", f"--model={a.model}", f"--reps={a.reps}",
         f"--root={tmp / 'storage'}", f"--out={out}",
-    ]  # fmt: skip
+    )  # fmt: skip
     print(describe())
     print(
         f"async_save: model={a.model} ranks={a.nproc} reps={a.reps} (+1 warmup each) storage={tmp}"
     )
-    print("command:", " ".join(cmd))
+    print("command:", common.show(cmd))
     watch = CpuWatch()
-    try:
-        log = tmp / "worker.log"
-        with log.open("w") as f:
-            proc = subprocess.run(
-                cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=a.timeout_s
-            )
-        if proc.returncode != 0:
-            sys.exit(
-                f"async_save: worker failed (exit {proc.returncode})\n{log.read_text()[-4000:]}"
-            )
-        res = json.loads(out.read_text())
-    finally:
-        if a.keep:
-            print(f"kept storage and log under {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    common.run_logged(cmd, env, tmp / "worker.log", a.timeout_s)
+    res = json.loads(out.read_text())
 
     mib = 2**20
     print(
@@ -194,9 +168,7 @@ def driver(a: argparse.Namespace) -> None:
     for kind in ("sync", "async"):
         rows = [r for r in res[kind] if not r["warmup"]]
         warm = next(r for r in res[kind] if r["warmup"])
-        med[kind] = {
-            k: statistics.median(r[k] for r in rows) for k in ("call", "blocking", "commit")
-        }
+        med[kind] = {k: median(r[k] for r in rows) for k in ("call", "blocking", "commit")}
         calls = " ".join(f"{r['call'] * 1e3:.1f}" for r in rows)
         print(f"  {kind:5s} save() call per rep (ms): {calls}   [warmup {warm['call'] * 1e3:.1f}]")
     print("medians (max over ranks)        sync        async")
@@ -236,8 +208,9 @@ def main() -> None:
     a = p.parse_args()
     if a.reps < 1:
         p.error("--reps must be >= 1")
-    driver(a)
+    with common.state_dir("spillway-bench-async-", a.keep) as tmp:
+        driver(a, tmp)
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -7,7 +7,7 @@ checkpointing) against a bare compiled bf16 FSDP2 loop of the same model. Needs 
 Recipe side: `torchrun --standalone --nproc_per_node=1 -m recipes.gpt.train model=1b
 data=synthetic data.vocab_size=128256 data.seq_len=2048 data.dtype=uint32 trainer.device=cuda
 trainer.param_dtype=bf16 trainer.compile=true trainer.activation_checkpointing=true ...`; its
-figures are the median `tokens_per_s` and `mfu` of metrics.jsonl after the warmup steps. Only the
+figures are the median `tokens_per_s` and `mfu` of its metrics after the warmup steps. Only the
 final step is checkpointed (the recipe always saves its last step; that save is outside the timed
 steps but takes a while for a ~1.5B-parameter model with AdamW state).
 
@@ -24,16 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import common  # bench/common.py (this directory is on sys.path)
+
 HERE = Path(__file__).resolve()
 VOCAB, SEQ_LEN = 128256, 2048
 
@@ -64,8 +60,6 @@ def bare_main(argv: list[str], device_type: str = "cuda") -> None:
 
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
-    import yaml
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -76,9 +70,7 @@ def bare_main(argv: list[str], device_type: str = "cuda") -> None:
 
     device = init_distributed(device_type, 1800)
     world = dist.get_world_size()
-    args = ModelArgs(
-        **yaml.safe_load((REPO / "orchestrator" / "conf" / "model" / f"{a.model}.yaml").read_text())
-    )
+    args = ModelArgs(**common.conf_yaml("model", a.model))
     with torch.device(device):
         model = Transformer(args)
     model.init_weights(seed=0)
@@ -99,13 +91,7 @@ def bare_main(argv: list[str], device_type: str = "cuda") -> None:
     for _ in range(a.steps):
         sync()
         began = time.perf_counter()
-        for i, chunk in enumerate(chunks):
-            model.set_requires_gradient_sync(i == len(chunks) - 1)
-            logits = model(chunk[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten())
-            (loss / len(chunks)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        common.bare_train_step(model, opt, chunks)
         sync()
         times.append(time.perf_counter() - began)
     if dist.get_rank() == 0:
@@ -126,36 +112,20 @@ def bare_main(argv: list[str], device_type: str = "cuda") -> None:
 
 def _median(rows: list[dict], key: str) -> float | None:
     vals = [r[key] for r in rows if r.get(key) is not None]
-    return statistics.median(vals) if vals else None
+    return common.median(vals) if vals else None
 
 
 def _fmt_mfu(x: float | None) -> str:
     return f"{x * 100:.1f}%" if x is not None else "n/a (device not in the recipe's peak table)"
 
 
-def _run(cmd: list[str], env: dict, log: Path, timeout_s: int) -> None:
-    print("running:", " ".join(cmd), flush=True)
-    with log.open("w") as f:
-        proc = subprocess.run(
-            cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s
-        )
-    if proc.returncode != 0:
-        sys.exit(
-            f"gpu_throughput: command failed (exit {proc.returncode})\n{log.read_text()[-6000:]}"
-        )
-
-
-def driver(a: argparse.Namespace) -> None:
+def driver(a: argparse.Namespace, tmp: Path) -> None:
     from machine import describe
 
-    tmp = Path(tempfile.mkdtemp(prefix="spillway-bench-gpu-"))
-    env = dict(os.environ)
-    env["SPILLWAY_HOME"] = str(tmp / "home")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    env = common.bench_env(tmp / "home", omp_threads=common.threads_per_rank(1))
     run_dir = tmp / "run"
-    recipe_cmd = torchrun + [
-        "-m", "recipes.gpt.train",
+    recipe_cmd = common.torchrun(
+        1, "-m", "recipes.gpt.train",
         f"model={a.model}", "data=synthetic", f"data.vocab_size={VOCAB}",
         f"data.seq_len={a.seq_len}", "data.dtype=uint32",
         "trainer.device=cuda", "trainer.param_dtype=bf16", "trainer.compile=true",
@@ -163,32 +133,26 @@ def driver(a: argparse.Namespace) -> None:
         f"trainer.global_batch_size={a.global_batch}", f"trainer.micro_batch_size={a.micro_batch}",
         f"trainer.max_steps={a.steps}", f"checkpoint.every_steps={a.steps + 1}",
         f"run_dir={run_dir}",
-    ]  # fmt: skip
+    )  # fmt: skip
     bare_out = tmp / "bare.json"
-    bare_cmd = torchrun + [
-        str(HERE), "--bare", f"--model={a.model}", f"--steps={a.steps}",
+    bare_cmd = common.torchrun(
+        1, str(HERE), "--bare", f"--model={a.model}", f"--steps={a.steps}",
         f"--global-batch={a.global_batch}", f"--micro-batch={a.micro_batch}",
         f"--seq-len={a.seq_len}", f"--out={bare_out}",
-    ]  # fmt: skip
+    )  # fmt: skip
     print(describe())
     print(
         f"gpu_throughput: model={a.model} 1 rank, bf16, compiled, activation checkpointing, "
         f"global_batch={a.global_batch} micro_batch={a.micro_batch} seq_len={a.seq_len} "
         f"steps={a.steps} warmup={a.warmup}"
     )
-    try:
-        _run(recipe_cmd, env, tmp / "recipe.log", a.timeout_s)
-        recipe_rows = [
-            json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-        ]
-        recipe_rows = [r for r in recipe_rows if r["step"] > a.warmup]
-        _run(bare_cmd, env, tmp / "bare.log", a.timeout_s)
-        bare_rows = json.loads(bare_out.read_text())["steps"][a.warmup :]
-    finally:
-        if a.keep:
-            print(f"kept run directory and logs under {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+    for cmd, log in ((recipe_cmd, "recipe.log"), (bare_cmd, "bare.log")):
+        print("running:", common.show(cmd), flush=True)
+        common.run_logged(cmd, env, tmp / log, a.timeout_s)
+    recipe_rows = common.read_metrics(run_dir)
+    common.check_steps(recipe_rows, a.steps, 1, str(run_dir))
+    recipe_rows = recipe_rows[a.warmup :]
+    bare_rows = json.loads(bare_out.read_text())["steps"][a.warmup :]
 
     r_tps, b_tps = _median(recipe_rows, "tokens_per_s"), _median(bare_rows, "tokens_per_s")
     print(
@@ -218,8 +182,9 @@ def main() -> None:
     a = p.parse_args()
     if not 0 <= a.warmup < a.steps:
         p.error("--warmup must leave at least one measured step")
-    driver(a)
+    with common.state_dir("spillway-bench-gpu-", a.keep) as tmp:
+        driver(a, tmp)
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -3,32 +3,32 @@
     python bench/launch_overhead.py                 # model=tiny, 2 ranks, 150 steps, 3 repeats
     python bench/launch_overhead.py --repeats 2 --steps 100
 
-It brings up the local fleet (`spillway fleet up`: two real Ray clusters, home with 2 devices
-and partner with 4), starts the controller with one warm-up job (and runs one warm-up torchrun,
-so both sides find a warm page cache), then runs, interleaved (ABBA), the same recipe command
-both ways:
+It brings up the local fleet (`spillway fleet up`: home with 2 devices on one node, the partner
+with 4 on two nodes, isolated, with its S3 server), starts the controller with one warm-up job
+(and runs one warm-up torchrun, so both sides find a warm page cache), then runs, interleaved
+(ABBA), the same recipe command both ways:
 
 - Spillway: `spillway launch <overrides> --json` on the running fleet and controller; the job
   is placed on home (free, owned) with 2 ranks as Ray actors.
 - Baseline: `torchrun --standalone --nproc_per_node=2 -m recipes.gpt.train <overrides>
   run_dir=...`, a cold process tree started the ordinary way.
 
-For each run the benchmark polls the run's metrics.jsonl (Spillway's attempt directory,
-`$SPILLWAY_HOME/storage/home/jobs/JOB/attempt-1/`) every --poll-ms and stamps each new record
-with the wall clock. Figures:
+Every metrics record carries `time`, the wall clock at the end of its step, so the figures come
+from the records themselves (Spillway's through the controller's API, torchrun's from its run
+dir's segments), not from when a poll saw them:
 
-1. Launch to first step: from invoking the command until the first metrics record exists.
-   Medians over the repeats, ratio spillway/torchrun. For Spillway it also prints where the
-   time went, from the job's events (`spillway status JOB --json`).
-2. Steady state: the median `step_time_s` of the records after --warmup, and the period (wall
-   time between the record after the warmup and the last one, divided by the steps between):
+1. Launch to first step: from invoking the command to the first record's `time`. Medians over
+   the repeats, ratio spillway/torchrun. For Spillway it also prints where the time went, from
+   the job's events (the controller's API, as `spillway status JOB --json` shows them).
+2. Steady state: the median `step_time_s` of the records after --warmup, and the period (the
+   `time` between the record after the warmup and the last one, divided by the steps between):
    what the loop sustains, including what it does outside its own timer. Ratios spillway/torchrun.
 
-The fleet's own processes (Ray daemons, the controller, and the Ray workers running Spillway's
-ranks) are not children of this process, so their CPU is counted separately (from /proc, by
-the clusters' session ids) and left out of the "other processes" share. The fleet stays up
-while the torchrun runs go, so its idle cost is printed too: the baseline shares the machine
-with it, as it would on a machine where the fleet runs.
+The fleet's own processes (Ray daemons, the S3 server, the controller, and the Ray workers
+running Spillway's ranks) are not children of this process, so their CPU is counted separately
+(from /proc, by the clusters' and the server's session ids) and left out of the "other
+processes" share. The fleet stays up while the torchrun runs go, so its idle cost is printed
+too: the baseline shares the machine with it, as it would on a machine where the fleet runs.
 At the end the fleet is brought down (`spillway fleet down`) and the temp dir removed.
 """
 
@@ -36,95 +36,46 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-from machine import (  # bench/machine.py (this directory is on sys.path)
-    CpuWatch,
-    _busy_idle_s,
-    describe,
-)
+import common  # bench/common.py (this directory is on sys.path; it puts the repo there too)
+from common import SPILLWAY, BenchError, median, ms
+from machine import CpuWatch, busy_idle_s, describe, usable_cores
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-CLK = os.sysconf("SC_CLK_TCK")
-
-
-def _tool(name: str, module: str) -> list[str]:
-    """The console script of this interpreter (not a shim in front of it), else `python -m`."""
-    script = BIN / name
-    return [str(script)] if script.exists() else [sys.executable, "-m", module]
-
-
-SPILLWAY = _tool("spillway", "orchestrator.cli")
-TORCHRUN = _tool("torchrun", "torch.distributed.run")
+JOB_ENDED = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 
 # ---- CPU of the fleet's processes -----------------------------------------------------------
 
 
-class FleetCpu:
-    """CPU seconds the local clusters' processes used since this object was made.
-
-    The fleet's processes are every PID in the clusters' Ray sessions plus their descendants
-    (a Ray job's driver runs in a session of its own). Their CPU is read from /proc/PID/stat
-    at each sample() and kept per process, because a Ray worker that ends (a rank actor killed
-    at the end of its job) takes its CPU time with it: the raylet does not collect it. What a
-    process used after its last sample is missed; the benchmark samples once a second while
-    it follows a run and again when the run's last record has arrived.
-    """
+class FleetCpu(common.SessionCpu):
+    """SessionCpu over the local fleet's sessions (each cluster's and its S3 server's); it also
+    notes the niceness of Spillway's rank processes (Ray starts its workers at 15)."""
 
     def __init__(self, home: Path) -> None:
         from orchestrator.fleet.local import LocalCluster
+        from orchestrator.fleet.s3server import S3Server, record_path
 
-        self.sessions = set()
-        for rec in sorted((home / "fleet" / "local").glob("*.json")):
-            cluster = LocalCluster.load(rec)
-            if cluster is not None:
-                self.sessions.add(cluster.session_id)
-        self.rank_nice: set[int] = set()  # niceness seen on Spillway's rank processes
-        self.base = self._scan()
-        self.seen = dict(self.base)
+        sessions = set()
+        for fdir in (home / "fleet").iterdir():
+            for rec in sorted(fdir.glob("*.json")):
+                cluster = LocalCluster.load(rec)
+                if cluster is not None:
+                    sessions.add(cluster.session_id)
+            server = S3Server.load(record_path(fdir))
+            if server is not None:
+                sessions.add(server.session_id)
+        self.rank_nice: set[int] = set()
+        super().__init__(sessions)
 
     def _scan(self) -> dict[tuple[int, int], int]:
-        """{(pid, start time): utime + stime in ticks} of the fleet's processes now."""
-        procs, children = {}, {}
-        for entry in os.scandir("/proc"):
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as f:
-                    head, tail = f.read().rsplit(b")", 1)
-            except OSError:
-                continue
-            fields = tail.split()
-            pid, ppid = int(entry.name), int(fields[1])
-            procs[pid] = (int(fields[3]), int(fields[19]), int(fields[11]) + int(fields[12]))
-            children.setdefault(ppid, []).append(pid)
-            if int(fields[3]) in self.sessions and b"(ray::RankActor" in head:
-                self.rank_nice.add(int(fields[16]))  # field 19 of stat: nice
-        todo = [pid for pid, (sid, _, _) in procs.items() if sid in self.sessions]
-        keep = set()
-        while todo:
-            pid = todo.pop()
-            if pid not in keep:
-                keep.add(pid)
-                todo += children.get(pid, [])
-        return {(pid, procs[pid][1]): procs[pid][2] for pid in keep}
-
-    def sample(self) -> None:
-        for key, ticks in self._scan().items():
-            self.seen[key] = max(self.seen.get(key, 0), ticks)
-
-    def total_s(self) -> float:
-        self.sample()
-        return sum(t - self.base.get(k, 0) for k, t in self.seen.items()) / CLK
+        got = super()._scan()
+        for pid, _ in got:
+            if self.last[pid].name.startswith(b"ray::RankActor"):
+                self.rank_nice.add(self.last[pid].nice)
+        return got
 
 
 class Watch:
@@ -139,7 +90,7 @@ class Watch:
         if got is None:
             return None
         foreign, wall, _ = got
-        cores = len(os.sched_getaffinity(0)) or 1
+        cores = usable_cores() or 1
         fleet = self.fleet.total_s() - self.fleet0
         return max(0.0, foreign - fleet) / (wall * cores), fleet / (wall * cores)
 
@@ -148,158 +99,91 @@ class Watch:
         return "unknown" if got is None else f"{got[0]:.0%} (fleet's own {got[1]:.0%})"
 
 
-# ---- running and following one run ----------------------------------------------------------
-
-
-def _check(done: subprocess.CompletedProcess, what: str) -> str:
-    if done.returncode != 0:
-        sys.exit(
-            f"launch_overhead: {what} failed (exit {done.returncode}):\n"
-            f"{(done.stdout or '')[-2000:]}\n{(done.stderr or '')[-3000:]}"
-        )
-    return done.stdout
-
-
-def _sw(env: dict, *args: str, timeout: float = 300) -> str:
-    done = subprocess.run(
-        [*SPILLWAY, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
-    return _check(done, "spillway " + " ".join(args))
-
-
-class Follower:
-    """Polls one metrics.jsonl and stamps each complete new record with the wall clock."""
-
-    def __init__(self, path: Path) -> None:
-        self.path, self.size, self.buf, self.arrivals = path, 0, b"", []
-
-    def poll(self) -> None:
-        try:
-            size = os.stat(self.path).st_size
-        except FileNotFoundError:
-            return
-        if size == self.size:
-            return
-        now = time.time()
-        with open(self.path, "rb") as f:
-            f.seek(self.size)
-            chunk = f.read()
-        self.size += len(chunk)
-        self.buf += chunk
-        *lines, self.buf = self.buf.split(b"\n")
-        self.arrivals += [now] * len(lines)
-
-    def follow(self, steps: int, poll_s: float, alive, timeout_s: float, sample=None) -> None:
-        """Until `steps` records are in; `sample` (the fleet's CPU) is called about once a second."""
-        deadline = time.monotonic() + timeout_s
-        sampled = time.monotonic()
-        while len(self.arrivals) < steps:
-            self.poll()
-            if sample and (len(self.arrivals) >= steps or time.monotonic() - sampled > 1.0):
-                sample()
-                sampled = time.monotonic()
-            if len(self.arrivals) >= steps:
-                break
-            if not alive() or time.monotonic() > deadline:
-                self.poll()
-                if len(self.arrivals) < steps:
-                    raise RuntimeError(
-                        f"{self.path}: {len(self.arrivals)} of {steps} records, and the run "
-                        f"{'ended' if not alive() else 'timed out'}"
-                    )
-            time.sleep(poll_s)
+# ---- running one run ------------------------------------------------------------------------
 
 
 def _cpu_since(busy0) -> float | None:
     """The whole machine's busy CPU seconds since the /proc/stat reading busy0."""
-    busy1 = _busy_idle_s()
+    busy1 = busy_idle_s()
     return None if busy0 is None or busy1 is None else busy1[0] - busy0[0]
 
 
 def run_spillway(a, env: dict, home: Path, overrides: list[str], r: int, sample=None) -> dict:
-    from orchestrator.controller.job_states import TERMINAL
-    from orchestrator.controller.state import ControllerState
-
-    busy0, began = _busy_idle_s(), time.time()
-    launch = subprocess.Popen(
+    busy0, began = busy_idle_s(), time.time()
+    launch = subprocess.run(
         [*SPILLWAY, "launch", *overrides, f"run_name=bench-{r}", "--json"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=common.REPO, env=env, capture_output=True, text=True, timeout=a.timeout_s,
     )  # fmt: skip
-    out, err = launch.communicate(timeout=a.timeout_s)
     cli_s = time.time() - began
-    _check(subprocess.CompletedProcess(launch.args, launch.returncode, out, err), "spillway launch")
-    job_id = json.loads(out)["job_id"]
-    path = home / "storage" / "home" / "jobs" / job_id / "attempt-1" / "metrics.jsonl"
-    follower = Follower(path)
-    try:
-        follower.follow(a.steps, a.poll_ms / 1e3, lambda: True, a.timeout_s, sample)
-    except RuntimeError:
-        print(_sw(env, "status", job_id))
-        raise
-    # The job is done when the controller records it so (its next tick after the driver exits);
-    # read from its state here rather than through a CLI process, whose start would add CPU.
-    with ControllerState.open(home / "controller.db") as state:
-        deadline = time.monotonic() + a.timeout_s
-        while state.get_job(job_id).state not in TERMINAL and time.monotonic() < deadline:
-            time.sleep(0.1)
-    done_s, cpu_s = time.time() - began, _cpu_since(busy0)
-    waited = subprocess.run(
-        [*SPILLWAY, "wait", job_id, "--timeout", str(a.timeout_s)],
-        cwd=REPO, env=env, capture_output=True, text=True,
-    )  # fmt: skip
-    _check(waited, f"spillway wait {job_id}")
-    status = json.loads(_sw(env, "status", job_id, "--json"))
+    if launch.returncode != 0:
+        raise BenchError(f"spillway launch failed ({launch.returncode}):\n{launch.stderr[-3000:]}")
+    job_id = json.loads(launch.stdout)["job_id"]
+    client = common.api_client(home)
+    deadline, sampled = time.monotonic() + a.timeout_s, 0.0
+    while (status := client.job(job_id))["state"] not in JOB_ENDED:
+        if sample and time.monotonic() - sampled > 1.0:
+            sample()
+            sampled = time.monotonic()
+        if time.monotonic() > deadline:
+            raise BenchError(f"{job_id} is {status['state']} after {a.timeout_s} s")
+        time.sleep(a.poll_s)
+    cpu_s = _cpu_since(busy0)
+    if sample:
+        sample()
     attempts = [(x["cluster"], x["world_size"], x["state"]) for x in status["attempts"]]
     if attempts != [("home", a.nproc, "SUCCEEDED")]:
-        sys.exit(f"launch_overhead: {job_id} ran as {attempts}, not once on home with {a.nproc}")
-    records = [json.loads(x) for x in _sw(env, "metrics", job_id, "--json").splitlines()]
+        raise BenchError(f"{job_id} ran as {attempts}, not once on home with {a.nproc}")
+    records = [x for x in client.metrics(job_id) if x["attempt"] == 1]
+    common.check_steps(records, a.steps, a.nproc, job_id)
     events = {}
     for e in status["events"]:
         events.setdefault(e["to"] or e["kind"], e["at"])
     return {
         "job_id": job_id,
         "records": records,
-        "arrivals": follower.arrivals,
-        "first_s": follower.arrivals[0] - began,
+        "first_s": records[0]["time"] - began,
         "cli_s": cli_s,
         "picked_s": events.get("STARTING", began) - began,  # the controller tick that placed it
         "running_s": events.get("RUNNING", began) - began,  # the tick that saw the Ray job run
-        "done_s": done_s,
+        "done_s": events.get("SUCCEEDED", began) - began,  # when the controller recorded it
         "cpu_s": cpu_s,
     }
 
 
 def run_torchrun(a, env: dict, root: Path, overrides: list[str], r: int, sample=None) -> dict:
     run_dir = root / f"tr-{r}"
-    cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={a.nproc}", "-m", "recipes.gpt.train"]
-    cmd += [*overrides, f"run_dir={run_dir}"]
+    cmd = common.torchrun(a.nproc, "-m", "recipes.gpt.train", *overrides, f"run_dir={run_dir}")
     if a.torchrun_nice:  # e.g. 15, the niceness Ray gives its workers, Spillway's ranks included
         cmd = ["nice", "-n", str(a.torchrun_nice), *cmd]
     log = root / f"tr-{r}.log"
-    follower = Follower(run_dir / "metrics.jsonl")
-    with log.open("w") as f:
-        busy0, began = _busy_idle_s(), time.time()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    with log.open("wb") as out:
+        busy0, began = busy_idle_s(), time.time()
+        proc = subprocess.Popen(
+            cmd, cwd=common.REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
         try:
-            alive = lambda: proc.poll() is None  # noqa: E731
-            follower.follow(a.steps, a.poll_ms / 1e3, alive, a.timeout_s, sample)
-            proc.wait(timeout=a.timeout_s)
+            deadline = time.monotonic() + a.timeout_s
+            while proc.poll() is None:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"torchrun still running after {a.timeout_s} s")
+                if sample:
+                    sample()
+                try:
+                    proc.wait(timeout=1.0)
+                except subprocess.TimeoutExpired:
+                    pass
             done_s, cpu_s = time.time() - began, _cpu_since(busy0)
-        except BaseException:
+        finally:
             if proc.poll() is None:
-                proc.terminate()  # torchrun stops its ranks on SIGTERM
-                proc.wait(timeout=60)
-            print(log.read_text()[-4000:])
-            raise
+                common.kill_tree(proc)
     if proc.returncode != 0:
-        sys.exit(
-            f"launch_overhead: torchrun failed ({proc.returncode}):\n{log.read_text()[-4000:]}"
-        )
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        raise BenchError(f"torchrun failed ({proc.returncode}):\n{common.tail(log)}")
+    records = common.read_metrics(run_dir)
+    common.check_steps(records, a.steps, a.nproc, str(run_dir))
     return {
         "records": records,
-        "arrivals": follower.arrivals,
-        "first_s": follower.arrivals[0] - began,
+        "first_s": records[0]["time"] - began,
         "done_s": done_s,
         "cpu_s": cpu_s,
         "cmd": cmd,
@@ -309,32 +193,17 @@ def run_torchrun(a, env: dict, root: Path, overrides: list[str], r: int, sample=
 def steady(a, run: dict) -> tuple[float, float]:
     """(median step_time_s after the warmup, wall period over the same steps)."""
     records = run["records"]
-    if [x["step"] for x in records] != list(range(1, a.steps + 1)) or any(
-        x["world_size"] != a.nproc for x in records
-    ):
-        sys.exit("launch_overhead: a run's metrics lack steps or have another world size")
-    step = statistics.median(x["step_time_s"] for x in records[a.warmup :])
-    t = run["arrivals"]
+    step = median(x["step_time_s"] for x in records[a.warmup :])
+    t = [x["time"] for x in records]
     return step, (t[-1] - t[a.warmup]) / (a.steps - 1 - a.warmup)
 
 
 # ---- the driver -----------------------------------------------------------------------------
 
 
-def _ms(s: float) -> str:
-    return f"{s * 1e3:.2f} ms"
-
-
-def driver(a: argparse.Namespace) -> None:
-    # Short on purpose: Ray's unix socket paths under the state dir must stay within 107 bytes,
-    # and the longest (ROOT/ray/partner/session_<date>_<time>_<us>_<pid>/sockets/dash_MetricsHead)
-    # takes about 80 of them beside ROOT. Under $TMPDIR if that is short enough, else /tmp.
-    base = tempfile.gettempdir()
-    root = Path(tempfile.mkdtemp(prefix="swb-", dir=base if len(base) <= 12 else "/tmp"))
-    (root / "tmp").mkdir()
-    env = dict(os.environ, SPILLWAY_HOME=str(root), TMPDIR=str(root / "tmp"))
-    env["OMP_NUM_THREADS"] = "1"  # what torchrun sets for >1 rank, and Ray for a 1-CPU actor
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+def driver(a: argparse.Namespace, root: Path) -> None:
+    # What torchrun sets for >1 rank, and Ray for a 1-CPU actor.
+    env = common.bench_env(root, omp_threads=1, tmpdir=root / "tmp")
 
     def overrides_for(steps: int) -> list[str]:
         return [
@@ -355,25 +224,24 @@ def driver(a: argparse.Namespace) -> None:
     print(
         f"launch_overhead: model={a.model} ranks={a.nproc} global_batch={a.global_batch} "
         f"micro_batch={a.micro_batch} seq_len={a.seq_len} steps={a.steps} warmup={a.warmup} "
-        f"repeats={a.repeats} poll={a.poll_ms:g} ms torchrun_nice={a.torchrun_nice}; "
+        f"repeats={a.repeats} poll={a.poll_s:g} s torchrun_nice={a.torchrun_nice}; "
         f"SPILLWAY_HOME={root}"
     )
     spill, torch_runs = [], []
-    fleet_up = False
     try:
         t = time.monotonic()
-        fleet_up = True
-        _sw(env, "fleet", "up")
+        common.spillway(env, "fleet", "up", timeout_s=600)
         print(f"fleet up: {time.monotonic() - t:.1f} s")
-        clusters = json.loads(_sw(env, "fleet", "status", "--json"))["clusters"]
+        clusters = json.loads(common.spillway(env, "fleet", "status", "--json"))["clusters"]
         if not all(c["reachable"] for c in clusters):
-            sys.exit(f"launch_overhead: a cluster of the fleet is not reachable: {clusters}")
+            raise BenchError(f"a cluster of the fleet is not reachable: {clusters}")
         # Warm-up: the first launch starts the controller; then one torchrun for the page cache.
         t = time.monotonic()
-        warm = json.loads(_sw(env, "launch", *overrides_for(5), "run_name=warmup", "--json"))[
-            "job_id"
-        ]
-        _sw(env, "wait", warm, "--timeout", str(a.timeout_s), timeout=a.timeout_s + 60)
+        warm = common.spillway(env, "launch", *overrides_for(5), "run_name=warmup", "--json")
+        warm = json.loads(warm)["job_id"]
+        common.spillway(
+            env, "wait", warm, "--timeout", str(a.timeout_s), timeout_s=a.timeout_s + 60
+        )
         print(f"warm-up job {warm} (controller start included): {time.monotonic() - t:.1f} s")
         warm_args = argparse.Namespace(**{**vars(a), "steps": 5})
         run_torchrun(warm_args, env, root, overrides_for(5), -1)
@@ -393,38 +261,25 @@ def driver(a: argparse.Namespace) -> None:
                     idle_fleet += fleet.total_s() - f0
                     idle_wall += time.monotonic() - w0
             if r == 0:
-                print("spillway command:", " ".join(["spillway", "launch", *overrides, "--json"]))
-                cmd = torch_runs[0]["cmd"]
-                at = cmd.index(TORCHRUN[0])
-                print(
-                    "torchrun command:",
-                    " ".join([*cmd[:at], "torchrun", *cmd[at + len(TORCHRUN) :]]),
-                )
+                print("spillway command:", common.show([*SPILLWAY, "launch", *overrides, "--json"]))
+                print("torchrun command:", common.show(torch_runs[0]["cmd"]))
             s, b = spill[-1], torch_runs[-1]
             (ss, sp), (bs, bp) = steady(a, s), steady(a, b)
             print(
                 f"  repeat {r + 1} ({order[0]} first): first step spillway {s['first_s']:.2f} s "
                 f"[launch cli {s['cli_s']:.2f} s, placed {s['picked_s']:.2f} s, RUNNING seen "
                 f"{s['running_s']:.2f} s], torchrun {b['first_s']:.2f} s; step_time_s "
-                f"{_ms(ss)} vs {_ms(bs)} ({ss / bs:.3f}), period {_ms(sp)} vs {_ms(bp)} "
-                f"({sp / bp:.3f}); "
-                f"other processes' cpu {watch.text()}"
+                f"{ms(ss)} vs {ms(bs)} ({ss / bs:.3f}), period {ms(sp)} vs {ms(bp)} "
+                f"({sp / bp:.3f}); other processes' cpu {watch.text()}"
             )
-        cores = len(os.sched_getaffinity(0)) or 1
+        cores = usable_cores() or 1
         whole_shares, whole_report = whole.shares(), whole.cpu.report()
         rank_nice = fleet.rank_nice
     finally:
-        if fleet_up:
-            down = subprocess.run(
-                [*SPILLWAY, "fleet", "down"], cwd=REPO, env=env, capture_output=True, text=True
-            )
-            print("fleet down:", " / ".join(down.stdout.strip().splitlines()) or down.stderr[-500:])
-        if a.keep:
-            print(f"kept the state dir, run directories and logs under {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        common.fleet_down(env)
+        common.kill_leftovers(root, "`spillway fleet down`")
 
-    med = statistics.median
+    med = median
     sf, bf = med(x["first_s"] for x in spill), med(x["first_s"] for x in torch_runs)
     st = [steady(a, x) for x in spill]
     bt = [steady(a, x) for x in torch_runs]
@@ -435,16 +290,16 @@ def driver(a: argparse.Namespace) -> None:
         f"(launch cli {med(x['cli_s'] for x in spill):.2f} s, placed by the controller at "
         f"{med(x['picked_s'] for x in spill):.2f} s), torchrun {bf:.2f} s"
     )
-    per_s = ", ".join(f"{x['first_s']:.2f}" for x in spill)
-    per_b = ", ".join(f"{x['first_s']:.2f}" for x in torch_runs)
+    per_s = common.listing(x["first_s"] for x in spill)
+    per_b = common.listing(x["first_s"] for x in torch_runs)
     print(f"  per run: spillway {per_s} s; torchrun {per_b} s")
     print(f"ratio spillway/torchrun (first step): {sf / bf:.2f}  (+{sf - bf:.2f} s)")
     print(
         f"steady state after {a.warmup} warmup steps, median of per-run medians: "
-        f"step_time_s spillway {_ms(ss)}, torchrun {_ms(bs)}; "
-        f"period spillway {_ms(sp)}, torchrun {_ms(bp)}"
+        f"step_time_s spillway {ms(ss)}, torchrun {ms(bs)}; "
+        f"period spillway {ms(sp)}, torchrun {ms(bp)}"
     )
-    per_s, per_b = ", ".join(_ms(x[0]) for x in st), ", ".join(_ms(x[0]) for x in bt)
+    per_s, per_b = ", ".join(ms(x[0]) for x in st), ", ".join(ms(x[0]) for x in bt)
     print(f"  per run step_time_s: spillway {per_s}; torchrun {per_b}")
     print(f"ratio spillway/torchrun (step_time_s): {ss / bs:.3f}")
     print(f"ratio spillway/torchrun (period):      {sp / bp:.3f}")
@@ -465,7 +320,7 @@ def driver(a: argparse.Namespace) -> None:
         f"niceness), torchrun {a.torchrun_nice}"
     )
     print(
-        f"the idle fleet (2 Ray clusters + controller) used {idle_fleet:.1f} cpu-s over "
+        f"the idle fleet (2 Ray clusters of 3 nodes, the S3 server, the controller) used {idle_fleet:.1f} cpu-s over "
         f"{idle_wall:.0f} s of torchrun runs ({idle_fleet / idle_wall / cores:.0%} of {cores} cores)"
     )
     got = whole_shares
@@ -494,7 +349,7 @@ def main() -> None:
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--poll-ms", type=float, default=10.0, help="metrics.jsonl polling interval")
+    p.add_argument("--poll-s", type=float, default=0.2, help="job state polling interval (the API)")
     p.add_argument("--settle-s", type=float, default=3.0, help="pause before each measured run")
     p.add_argument(
         "--torchrun-nice",
@@ -507,8 +362,9 @@ def main() -> None:
     a = p.parse_args()
     if not 0 <= a.warmup < a.steps - 2:
         p.error("--warmup must leave at least two measured steps")
-    driver(a)
+    with common.state_dir("swb-", a.keep, short=True) as root:
+        driver(a, root)
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

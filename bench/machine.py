@@ -19,7 +19,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown cpu"
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
@@ -37,7 +37,7 @@ def _ram_gib() -> float | None:
     return None
 
 
-def _busy_idle_s() -> tuple[float, float] | None:
+def busy_idle_s() -> tuple[float, float] | None:
     """Machine-wide (busy, idle) CPU seconds since boot, from /proc/stat."""
     try:
         with open("/proc/stat", encoding="utf-8") as f:
@@ -52,9 +52,7 @@ def _busy_idle_s() -> tuple[float, float] | None:
 
 def _own_cpu_s() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(
-        resource.RUSAGE_CHILDREN
-    )  # waited-for descendants, torchrun's ranks too
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)  # waited-for descendants, ranks too
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
@@ -66,16 +64,16 @@ class CpuWatch:
     """
 
     def __init__(self) -> None:
-        self._wall, self._stat, self._own = time.monotonic(), _busy_idle_s(), _own_cpu_s()
+        self._wall, self._stat, self._own = time.monotonic(), busy_idle_s(), _own_cpu_s()
 
     def foreign(self) -> tuple[float, float, float] | None:
         """(cpu-s used by other processes, wall s, share of all cores) since start; None if unknown."""
         wall = time.monotonic() - self._wall
-        stat = _busy_idle_s()
+        stat = busy_idle_s()
         if self._stat is None or stat is None or wall <= 0:
             return None
         foreign = max(0.0, stat[0] - self._stat[0] - (_own_cpu_s() - self._own))
-        return foreign, wall, foreign / (wall * (_usable_cores() or 1))
+        return foreign, wall, foreign / (wall * (usable_cores() or 1))
 
     def report(self) -> str:
         got = self.foreign()
@@ -84,23 +82,27 @@ class CpuWatch:
         foreign, wall, share = got
         return (
             f"cpu use by other processes during the run: {foreign:.1f} cpu-s over {wall:.0f} s "
-            f"wall ({share:.0%} of {_usable_cores()} cores; 0% means the machine was ours); "
+            f"wall ({share:.0%} of {usable_cores()} cores; 0% means the machine was ours); "
             "load average now " + " ".join(f"{x:.2f}" for x in os.getloadavg())
         )
 
 
-def describe() -> str:
-    """CPU model, usable cores, RAM, Python and torch versions, and the CUDA device if any."""
-    import torch
+def describe(with_torch: bool = True) -> str:
+    """CPU model, usable cores, RAM, Python and torch versions, and the CUDA device if any.
 
+    `with_torch=False` leaves torch out (and does not import it): for benchmarks of pure code."""
     ram = _ram_gib()
     parts = [
         f"cpu: {_cpu_model()}",
-        f"{_usable_cores()} cores",
+        f"{usable_cores()} cores",
         f"{ram:.0f} GiB RAM" if ram is not None else "RAM unknown",
-        f"python {platform.python_version()}",
-        f"torch {torch.__version__}",
+        f"python {platform.python_version()} ({platform.python_implementation()})",
     ]
+    if not with_torch:
+        return "machine: " + ", ".join(parts)
+    import torch
+
+    parts.append(f"torch {torch.__version__}")
     if torch.cuda.is_available():
         n = torch.cuda.device_count()
         name = torch.cuda.get_device_name(0)

@@ -18,15 +18,13 @@ place/baseline is what the real rules cost on top of merely looking at every pai
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import random
-import statistics
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 
-from machine import CpuWatch  # bench/machine.py: the script's own directory is on sys.path
+from common import median  # bench/common.py (this directory is on sys.path; the repo too)
+from machine import CpuWatch, describe
 
 from orchestrator.scheduling import (
     LEASED,
@@ -114,20 +112,6 @@ def timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def machine_line() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return (
-        f"machine: cpu: {cpu}, {cores} usable cores, python {platform.python_version()} "
-        f"({platform.python_implementation()})"
-    )
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--jobs", type=int, default=10_000)
@@ -153,9 +137,9 @@ def main(argv: list[str] | None = None) -> None:
         runs = [(place_s, place), (base_s, baseline)]
         for samples, fn in runs if i % 2 == 0 else runs[::-1]:
             samples.append(timed(lambda fn=fn: fn(jobs, fleet, NOW)))
-    place_med, base_med = statistics.median(place_s), statistics.median(base_s)
+    place_med, base_med = median(place_s), median(base_s)
 
-    print(machine_line())
+    print(describe(with_torch=False))
     print(
         f"workload: {len(jobs)} jobs, {len(fleet)} clusters ({a.owned} owned, {a.leased} "
         f"leased, 8 devices each, {sum(c.devices_free for c in fleet)} free), seed {a.seed}"

@@ -6,49 +6,34 @@
 Both sides run under `torchrun --standalone --nproc_per_node=2` with the same model class and
 size, global batch 16, seq_len 64, micro-batch 8, AdamW, and FSDP2 `fully_shard` on every
 block and then the root. The recipe side is `recipes.gpt.train` itself (data=synthetic, no
-checkpoint before the final one); its figure is the median `step_time_s` of metrics.jsonl after
-the warmup steps. The bare side is the loop in `bare_main` below: forward, loss, backward,
-optimizer step, nothing else (no data pipeline, LR schedule, clipping, loss all-reduce,
-metrics or checkpoint poll). The ratio recipe/bare is the recipe's overhead: above 1 is slower.
+checkpoint before the final one); its figure is the median `step_time_s` of its metrics (the
+run dir's segments) after the warmup steps. The bare side is the loop in `bare_main` below:
+forward, loss, backward, optimizer step, nothing else (no data pipeline, LR schedule, clipping,
+loss all-reduce, metrics or checkpoint poll). The ratio recipe/bare is the recipe's overhead:
+above 1 is slower.
 
-The recipe is started through this file (`--recipe-worker`), which calls the recipe's own
-`main` after wrapping its MetricsWriter to stamp each record with a clock reading; that gives a
-second figure, the period between consecutive records, which also counts what the recipe does
-outside its timed region (checkpoint poll, metrics write, progress).
+A second recipe figure is the period between consecutive records' `time` (the wall clock at the
+end of each step), which also counts what the recipe does outside its timed region (drain vote,
+checkpoint poll, metrics write, progress).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+import common  # bench/common.py (this directory is on sys.path)
+from common import median, ms
+
 HERE = Path(__file__).resolve()
 GLOBAL_BATCH, MICRO_BATCH, SEQ_LEN = 16, 8, 64
 CPU_MODELS = ("tiny", "small")
 
 
-# ---- the two workers, run on every rank under torchrun -------------------------------------
-
-
-def recipe_worker(overrides: list[str]) -> None:
-    """Run the recipe unchanged except that each metrics record also carries a clock reading."""
-    import recipes.gpt.train as recipe
-
-    class StampedMetrics(recipe.MetricsWriter):
-        def write(self, record):
-            super().write({**record, "bench_clock_s": time.perf_counter()})
-
-    recipe.MetricsWriter = StampedMetrics
-    recipe.main(overrides)
+# ---- the baseline, run on every rank under torchrun ----------------------------------------
 
 
 def bare_main(argv: list[str]) -> None:
@@ -61,8 +46,6 @@ def bare_main(argv: list[str]) -> None:
 
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
-    import yaml
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -72,9 +55,7 @@ def bare_main(argv: list[str]) -> None:
 
     device = init_distributed("cpu", 600)
     rank, world = dist.get_rank(), dist.get_world_size()
-    args = ModelArgs(
-        **yaml.safe_load((REPO / "orchestrator" / "conf" / "model" / f"{a.model}.yaml").read_text())
-    )
+    args = ModelArgs(**common.conf_yaml("model", a.model))
     with torch.device(device):
         model = Transformer(args)
     model.init_weights(seed=0)
@@ -90,14 +71,7 @@ def bare_main(argv: list[str]) -> None:
     times = []
     for step in range(a.steps):
         began = time.perf_counter()
-        chunks = data[step].split(plan.micro_batch)
-        for i, chunk in enumerate(chunks):
-            model.set_requires_gradient_sync(i == len(chunks) - 1)
-            logits = model(chunk[:, :-1])
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten())
-            (loss / len(chunks)).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        common.bare_train_step(model, opt, data[step].split(plan.micro_batch))
         times.append(time.perf_counter() - began)
     if rank == 0:
         Path(a.out).write_text(json.dumps({"step_time_s": times, "world_size": world}))
@@ -107,44 +81,15 @@ def bare_main(argv: list[str]) -> None:
 # ---- the driver ----------------------------------------------------------------------------
 
 
-def _torchrun(nproc: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-    ]
-
-
-def _run(cmd: list[str], env: dict, log: Path, timeout_s: int) -> None:
-    with log.open("w") as f:
-        proc = subprocess.run(
-            cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout_s
-        )
-    if proc.returncode != 0:
-        tail = log.read_text()[-4000:]
-        sys.exit(f"step_time: command failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
-
-
 def _share(watch) -> str:
     got = watch.foreign()
     return "unknown" if got is None else f"{got[2]:.0%}"
 
 
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:.2f} ms"
-
-
-def driver(a: argparse.Namespace) -> None:
+def driver(a: argparse.Namespace, root: Path) -> None:
     from machine import CpuWatch, describe
 
-    root = Path(tempfile.mkdtemp(prefix="spillway-bench-step-"))
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // a.nproc)))
-    env["SPILLWAY_HOME"] = str(root / "home")  # the recipe's state stays in this temp dir
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
-
+    env = common.bench_env(root / "home", omp_threads=common.threads_per_rank(a.nproc))
     print(describe())
     print(
         f"step_time: model={a.model} ranks={a.nproc} global_batch={GLOBAL_BATCH} "
@@ -153,84 +98,55 @@ def driver(a: argparse.Namespace) -> None:
     )
     recipe_steps, recipe_periods, bare_steps, per_repeat = [], [], [], []
     whole = CpuWatch()
-    try:
-        for r in range(a.repeats):
-            run_dir = root / f"run-{r}"
-            overrides = [
-                f"model={a.model}",
-                "data=synthetic",
-                f"data.seq_len={SEQ_LEN}",
-                f"trainer.global_batch_size={GLOBAL_BATCH}",
-                f"trainer.micro_batch_size={MICRO_BATCH}",
-                "trainer.device=cpu",
-                f"trainer.max_steps={a.steps}",
-                f"checkpoint.every_steps={a.steps + 1}",
-                f"run_dir={run_dir}",
-            ]
-            recipe_cmd = _torchrun(a.nproc) + [str(HERE), "--recipe-worker", *overrides]
-            bare_out = root / f"bare-{r}.json"
-            bare_cmd = _torchrun(a.nproc) + [
-                str(HERE),
-                "--bare",
-                f"--model={a.model}",
-                f"--steps={a.steps}",
-                f"--out={bare_out}",
-            ]
-            if r == 0:
-                print("recipe command:", " ".join(recipe_cmd))
-                print("bare command:  ", " ".join(bare_cmd))
-            # Alternate which side goes first so slow drift of the machine hits both alike.
-            order = [("recipe", recipe_cmd), ("bare", bare_cmd)]
-            watch = CpuWatch()
-            for name, cmd in order if r % 2 == 0 else order[::-1]:
-                _run(cmd, env, root / f"{name}-{r}.log", a.timeout_s)
+    for r in range(a.repeats):
+        run_dir = root / f"run-{r}"
+        recipe_cmd = common.torchrun(
+            a.nproc, "-m", "recipes.gpt.train",
+            f"model={a.model}", "data=synthetic", f"data.seq_len={SEQ_LEN}",
+            f"trainer.global_batch_size={GLOBAL_BATCH}", f"trainer.micro_batch_size={MICRO_BATCH}",
+            "trainer.device=cpu", f"trainer.max_steps={a.steps}",
+            f"checkpoint.every_steps={a.steps + 1}", f"run_dir={run_dir}",
+        )  # fmt: skip
+        bare_out = root / f"bare-{r}.json"
+        bare_cmd = common.torchrun(
+            a.nproc, str(HERE), "--bare", f"--model={a.model}", f"--steps={a.steps}",
+            f"--out={bare_out}",
+        )  # fmt: skip
+        if r == 0:
+            print("recipe command:", common.show(recipe_cmd))
+            print("bare command:  ", common.show(bare_cmd))
+        # Alternate which side goes first so slow drift of the machine hits both alike.
+        order = [("recipe", recipe_cmd), ("bare", bare_cmd)]
+        watch = CpuWatch()
+        for name, cmd in order if r % 2 == 0 else order[::-1]:
+            common.run_logged(cmd, env, root / f"{name}-{r}.log", a.timeout_s)
 
-            records = [
-                json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            ]
-            if [x["step"] for x in records] != list(range(1, a.steps + 1)) or any(
-                x["world_size"] != a.nproc for x in records
-            ):
-                sys.exit(
-                    f"step_time: {run_dir}/metrics.jsonl lacks steps or has another world size"
-                )
-            kept = [x for x in records if x["step"] > a.warmup]
-            rs = [x["step_time_s"] for x in kept]
-            rp = [
-                b["bench_clock_s"] - p["bench_clock_s"]
-                for p, b in zip(kept, kept[1:], strict=False)
-            ]
-            bs = json.loads(bare_out.read_text())["step_time_s"][a.warmup :]
-            recipe_steps += rs
-            recipe_periods += rp
-            bare_steps += bs
-            rm, bm = statistics.median(rs), statistics.median(bs)
-            per_repeat.append(rm / bm)
-            print(
-                f"  repeat {r + 1}: recipe step_time_s median {_ms(rm)}, period {_ms(statistics.median(rp))}; "
-                f"bare {_ms(bm)}; ratio {rm / bm:.3f}; other processes' cpu {_share(watch)}"
-            )
-    finally:
-        if a.keep:
-            print(f"kept run directories and logs under {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
+        records = common.read_metrics(run_dir)
+        common.check_steps(records, a.steps, a.nproc, str(run_dir))
+        kept = records[a.warmup :]
+        rs = [x["step_time_s"] for x in kept]
+        rp = common.periods(kept)
+        bs = json.loads(bare_out.read_text())["step_time_s"][a.warmup :]
+        recipe_steps += rs
+        recipe_periods += rp
+        bare_steps += bs
+        rm, bm = median(rs), median(bs)
+        per_repeat.append(rm / bm)
+        print(
+            f"  repeat {r + 1}: recipe step_time_s median {ms(rm)}, period {ms(median(rp))}; "
+            f"bare {ms(bm)}; ratio {rm / bm:.3f}; other processes' cpu {_share(watch)}"
+        )
 
-    rm, pm, bm = (statistics.median(x) for x in (recipe_steps, recipe_periods, bare_steps))
-    print(f"recipe median step_time_s (metrics.jsonl): {_ms(rm)}  over {len(recipe_steps)} steps")
-    print(f"recipe median period between records:      {_ms(pm)}")
-    print(f"bare FSDP2 loop median step time:          {_ms(bm)}  over {len(bare_steps)} steps")
-    print(
-        f"ratio recipe/bare (step_time_s): {rm / bm:.3f}  "
-        f"(per repeat {min(per_repeat):.3f}..{max(per_repeat):.3f})"
-    )
+    rm, pm, bm = (median(x) for x in (recipe_steps, recipe_periods, bare_steps))
+    print(f"recipe median step_time_s (metrics):  {ms(rm)}  over {len(recipe_steps)} steps")
+    print(f"recipe median period between records: {ms(pm)}")
+    print(f"bare FSDP2 loop median step time:     {ms(bm)}  over {len(bare_steps)} steps")
+    print(f"ratio recipe/bare (step_time_s): {rm / bm:.3f}  (per repeat {common.span(per_repeat)})")
     print(f"ratio recipe/bare (period):      {pm / bm:.3f}")
     print(whole.report())
 
 
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "--recipe-worker":
-        return recipe_worker(sys.argv[2:])
     if len(sys.argv) > 1 and sys.argv[1] == "--bare":
         return bare_main(sys.argv[2:])
     p = argparse.ArgumentParser(
@@ -246,8 +162,9 @@ def main() -> None:
     a = p.parse_args()
     if not 0 <= a.warmup < a.steps - 1:
         p.error("--warmup must leave at least two measured steps")
-    driver(a)
+    with common.state_dir("spillway-bench-step-", a.keep) as root:
+        driver(a, root)
 
 
 if __name__ == "__main__":
-    main()
+    common.run_main(main)

@@ -629,7 +629,7 @@ class Controller:
             self._settle(job.job_id, JobState.PENDING, cause, now, attempt.attempt)
             return
         self.state.update_attempt(
-            job.job_id, attempt.attempt, ray_job_id=ray_job_id, submitted_at=now
+            job.job_id, attempt.attempt, ray_job_id=ray_job_id, submitted_at=time.time()
         )
         self.state.add_event(
             job.job_id, "submit", f"submitted {ray_job_id} to {cluster.name}", now, attempt.attempt
