@@ -62,14 +62,24 @@ def prepare_staging(fs: fsspec.AbstractFileSystem, root: str, step: int) -> str:
         return tmp_dir(root, step)
     final = step_dir(root, step)
     fs.invalidate_cache(final)
-    if fs.exists(final):
-        try:
-            verify(fs, final, check_hashes=True)
-        except CheckpointInvalid:
-            remove_tree(fs, final)
-        else:
-            raise FileExistsError(f"verified checkpoint already exists at {final}")
+    _clear_for_commit(fs, final)
     return final
+
+
+def _clear_for_commit(fs: fsspec.AbstractFileSystem, final_path: str) -> None:
+    """Make room for a checkpoint at final_path: debris there goes, a good one stays."""
+    if not fs.exists(final_path):
+        return
+    try:
+        verify(fs, final_path, check_hashes=True)
+    except CheckpointInvalid:
+        # Debris of an earlier crashed commit (e.g. a half-finished object-store copy); it
+        # can never be loaded, so replacing it loses nothing.
+        remove_tree(fs, final_path)
+    else:
+        # A good checkpoint for this step already exists (e.g. a retried save after a
+        # preemption); silently swapping it would change history under readers.
+        raise FileExistsError(f"verified checkpoint already exists at {final_path}")
 
 
 def parse_step(name: str) -> int | None:
@@ -106,17 +116,7 @@ def commit(
     verify(fs, tmp_path, check_hashes=check_hashes)  # raises CheckpointInvalid
     if tmp_path == final_path:
         return  # written in place on an object store: the manifest, written last, committed it
-    if fs.exists(final_path):
-        try:
-            verify(fs, final_path, check_hashes=True)
-        except CheckpointInvalid:
-            # Debris of an earlier crashed commit (e.g. a half-finished object-store
-            # copy); it can never be loaded, so replacing it loses nothing.
-            remove_tree(fs, final_path)
-        else:
-            # A good checkpoint for this step already exists (e.g. a retried save after
-            # a preemption); silently swapping it would change history under readers.
-            raise FileExistsError(f"verified checkpoint already exists at {final_path}")
+    _clear_for_commit(fs, final_path)
     rename_dir(fs, tmp_path, final_path)
 
 

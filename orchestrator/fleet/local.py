@@ -15,11 +15,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.fleet.environment import cluster_env
 from orchestrator.fleet.processes import session_pids, stop_session
+from orchestrator.fleet.records import JsonRecord
 from orchestrator.fleet.tokens import new_token_file
 
 # A private mount namespace whose mounts reach neither this machine's nor any other namespace.
@@ -27,7 +28,7 @@ UNSHARE = ["unshare", "--mount", "--propagation", "private"]
 
 
 @dataclass
-class LocalCluster:
+class LocalCluster(JsonRecord):
     """What `fleet up` recorded about a cluster it started, in $SPILLWAY_HOME/fleet/NAME.json."""
 
     name: str
@@ -57,19 +58,6 @@ class LocalCluster:
 
     def is_running(self) -> bool:
         return bool(session_pids(self.session_id))
-
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".part")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: Path) -> LocalCluster | None:
-        try:
-            return cls(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
 
 
 def free_ports(n: int) -> list[int]:

@@ -16,16 +16,17 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from orchestrator.fleet.processes import session_pids, stop_session
+from orchestrator.fleet.records import JsonRecord
 from orchestrator.fleet.storage_options import merge_storage_options
 
 
 @dataclass
-class S3Server:
+class S3Server(JsonRecord):
     """What `fleet up` recorded about the S3 server it started, in s3/server.json."""
 
     session_id: int
@@ -46,19 +47,6 @@ class S3Server:
 
     def storage_options(self) -> dict[str, Any]:
         return merge_storage_options({}, self.credentials(), self.endpoint)
-
-    def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".part")
-        tmp.write_text(json.dumps(asdict(self), indent=1))
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: Path) -> S3Server | None:
-        try:
-            return cls(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
-            return None
 
 
 def server_dir(fleet_dir: Path) -> Path:

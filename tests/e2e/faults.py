@@ -3,6 +3,7 @@ uninterrupted runs they are compared with."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -71,8 +72,10 @@ def metrics(spillway, job_id: str) -> list[dict]:
     return [json.loads(x) for x in done.stdout.splitlines()]
 
 
+@functools.lru_cache(maxsize=8)
 def views(home: Path) -> list[ClusterView]:
-    """The local fleet's clusters as the controller sees them (storage options included)."""
+    """The local fleet's clusters as the controller sees them (storage options included);
+    composed once per fleet, so that polling last_step stays fast."""
     from orchestrator.config import compose_run
     from orchestrator.fleet import fleet as fleet_mod
 

@@ -109,8 +109,11 @@ def test_1_a_planned_lease_end_moves_the_job_home_on_another_world_size(
     assert imported and "runtime_resources" in imported[0], imported
     sources = {v.name: v.storage_root for v in views(fleet_home)}
     assert sources["partner"].startswith("s3://") and not sources["home"].startswith("s3://")
-    catalog_rows = info["checkpoints"]
-    assert any(c["cluster"] == "home" and c["verified"] for c in catalog_rows), catalog_rows
+    assert ("partner", first["last_step"]) in {
+        (c["cluster"], c["step"]) for c in info["checkpoints"]
+    }
+    copied = [e["cause"] for e in info["events"] if e["cause"].startswith("copied checkpoint")]
+    assert copied and "from partner to home" in copied[0] and "verified" in copied[0], copied
     assert_losses_match(metrics(spillway, j), reference.losses(), CROSS_WORLD)
 
 

@@ -21,10 +21,12 @@ def records(home) -> dict[str, LocalCluster]:
 def test_fleet_up_status_and_down(spillway, fleet_home):
     up = spillway("fleet", "up", "fleet.clusters.partner.lease_end=+10m")
     assert up.returncode == 0, up.stderr[-3000:]
-    assert [line.split()[:3] for line in up.stdout.splitlines()[1:]] == [
+    *table_rows, s3_line = up.stdout.splitlines()[1:]
+    assert [line.split()[:3] for line in table_rows] == [
         ["home", "owned", "started"],
         ["partner", "leased", "started"],
     ]
+    assert s3_line.startswith("s3 server: started at http://127.0.0.1:"), s3_line
     started = records(fleet_home)
     assert set(started) == {"home", "partner"}
     home, partner = started["home"], started["partner"]
@@ -35,7 +37,8 @@ def test_fleet_up_status_and_down(spillway, fleet_home):
     ).read_text()
 
     again = spillway("fleet", "up")
-    assert [line.split()[2] for line in again.stdout.splitlines()[1:]] == ["running", "running"]
+    *table_rows, s3_line = again.stdout.splitlines()[1:]
+    assert [line.split()[2] for line in table_rows] == ["running", "running"]
     assert records(fleet_home)["partner"].gcs_port == partner.gcs_port
 
     status = spillway.json("fleet", "status")
