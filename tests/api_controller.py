@@ -13,8 +13,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from orchestrator.api.client import ApiClient, Endpoint
+from orchestrator.api.service import ControllerActor
 from orchestrator.config.schema import FleetConfig
-from orchestrator.controller.service import ControllerActor
 from orchestrator.fleet.local import free_ports
 from orchestrator.fleet.tokens import new_token_file
 

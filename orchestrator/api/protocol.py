@@ -13,7 +13,7 @@ PREFIX = "/v1"
 # The controller's fleet config (JSON) reaches the bootstrap job through this variable.
 FLEET_ENV = "SPILLWAY_FLEET"
 # What the bootstrap job runs on the home head: it gets or creates the controller actor.
-BOOTSTRAP_MODULE = "orchestrator.controller.service"
+BOOTSTRAP_MODULE = "orchestrator.api.service"
 
 
 def error_body(status: int, message: str, key: str | None = None) -> dict:

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
+from orchestrator.api.service import actor_name
 from orchestrator.backends.ray_jobs import RayJobsBackend
-from orchestrator.controller.service import actor_name
 from orchestrator.controller.state import ControllerState
 from orchestrator.fleet.processes import session_pids
 from tests.e2e.faults import cluster

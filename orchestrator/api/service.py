@@ -8,7 +8,7 @@ driver runs on, which the Jobs API puts on the head), so a restart finds its sta
 started by a small bootstrap Ray job, submitted over HTTP with the home cluster's token, so no
 CLI process ever has to join a Ray cluster; after that the CLI talks to its API only.
 
-    SPILLWAY_HOME=... SPILLWAY_FLEET='{...}' python -m orchestrator.controller.service
+    SPILLWAY_HOME=... SPILLWAY_FLEET='{...}' python -m orchestrator.api.service
 
 This module is the composition root of the controller's process: it alone wires the API
 server to the controller.
