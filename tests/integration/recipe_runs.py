@@ -24,6 +24,8 @@ BASE = (
     "optim.warmup_steps=2",
     "checkpoint.every_steps=3",
     "checkpoint.keep=4",
+    # Tests that watch a run act on its metrics: have them in the run dir within 0.1 s.
+    "logger.metrics_flush_s=0.1",
 )
 
 
