@@ -389,9 +389,7 @@ class Controller:
             lines += [{**r, "attempt": a.attempt, "cluster": a.cluster} for r in records]
         return lines
 
-    def job_logs(
-        self, job_id: str, number: int | None = None
-    ) -> tuple[AttemptRecord, str] | None:
+    def job_logs(self, job_id: str, number: int | None = None) -> tuple[AttemptRecord, str] | None:
         """The Ray job logs of attempt `number` (default: the latest), or None before it was
         submitted. An earlier attempt's logs are there as long as its cluster keeps them."""
         if number is None:
