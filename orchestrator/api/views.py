@@ -10,7 +10,7 @@ from orchestrator.api.problems import Conflict, NotFound, Upstream
 from orchestrator.controller.controller import Controller
 from orchestrator.controller.job_states import ACTIVE_ATTEMPT, TERMINAL, AttemptState
 from orchestrator.controller.paths import run_files
-from orchestrator.controller.state import ControllerState, JobRecord
+from orchestrator.controller.state import AttemptRecord, ControllerState, JobRecord
 
 log = logging.getLogger("spillway.api")
 
@@ -98,9 +98,39 @@ def progress_json(controller: Controller, job_id: str) -> dict:
     }
 
 
+def job_metrics(controller: Controller, job_id: str) -> list[dict]:
+    """Every metrics record of every attempt, read from each cluster's run files and tagged
+    with its attempt and cluster; an attempt whose store cannot be read now gives nothing."""
+    clusters = controller.clusters()
+    lines: list[dict] = []
+    for a in controller.state.attempts(job_id):
+        if a.cluster not in clusters:
+            continue
+        try:
+            records = run_files(clusters[a.cluster], job_id, a.attempt).read_metrics()
+        except OSError as exc:
+            log.warning("job %s attempt %d: cannot read metrics: %s", job_id, a.attempt, exc)
+            continue
+        lines += [{**r, "attempt": a.attempt, "cluster": a.cluster} for r in records]
+    return lines
+
+
+def job_logs(
+    controller: Controller, job_id: str, number: int | None = None
+) -> tuple[AttemptRecord, str] | None:
+    """The Ray job logs of attempt `number` (default: the latest), or None before it was
+    submitted. An earlier attempt's logs are there as long as its cluster keeps them."""
+    state = controller.state
+    attempt = state.latest_attempt(job_id) if number is None else state.get_attempt(job_id, number)
+    if attempt is None or attempt.ray_job_id is None:
+        return None
+    cluster = controller.clusters()[attempt.cluster]
+    return attempt, controller.backend(cluster).logs(attempt.ray_job_id)
+
+
 def metrics_json(controller: Controller, job_id: str) -> dict:
     require_job(controller.state, job_id)
-    return {"metrics": controller.job_metrics(job_id)}
+    return {"metrics": job_metrics(controller, job_id)}
 
 
 def logs_json(
@@ -115,7 +145,7 @@ def logs_json(
         raise NotFound(f"job {job_id} has no attempt {only}")
     earlier = only is not None and only < latest.attempt
     try:
-        found = controller.job_logs(job_id, only if earlier else None)
+        found = job_logs(controller, job_id, only if earlier else None)
     except Exception as exc:  # the cluster's Jobs API, or a cluster gone from the fleet
         raise Upstream(f"cannot read the logs of job {job_id}: {exc}") from None
     if found is None:

@@ -84,7 +84,7 @@ class Controller:
             raise KeyError(f"no job {job_id}")
         return job
 
-    def _backend(self, cluster: ClusterView) -> RayJobsBackend:
+    def backend(self, cluster: ClusterView) -> RayJobsBackend:
         """One Jobs API client per cluster address and token, kept across ticks: making one
         costs an HTTP round trip. A cluster that stops answering gets a fresh one."""
         key = (cluster.dashboard_url, cluster.token)
@@ -181,7 +181,7 @@ class Controller:
                 self._lose(job, attempt, cluster, what, now, cluster_lost=True)
             return
         self._unreachable_since.pop(cluster.name, None)
-        backend = self._backend(cluster)
+        backend = self.backend(cluster)
         if cluster.kind == "leased" and cluster.lease_end is not None and now >= cluster.lease_end:
             if attempt.ray_job_id:
                 backend.stop(attempt.ray_job_id)  # the partner would kill it; do it in order
@@ -225,7 +225,7 @@ class Controller:
     def _stop_cancelled(self, job, attempt, cluster, health, now) -> None:
         """The user's cancel is recorded; make the cluster match it."""
         if health.reachable and attempt.ray_job_id:
-            backend = self._backend(cluster)
+            backend = self.backend(cluster)
             if not backend.status(attempt.ray_job_id).is_terminal():
                 backend.stop(attempt.ray_job_id)
         self.state.update_attempt(
@@ -370,35 +370,6 @@ class Controller:
             return run_files(cluster, job_id, attempt).drain_ack() or {}
         except OSError:
             return {}
-
-    # ---- what the API reads ---------------------------------------------------------------
-
-    def job_metrics(self, job_id: str) -> list[dict]:
-        """Every metrics record of every attempt, tagged with its attempt and cluster; an
-        attempt whose store cannot be read now contributes nothing."""
-        clusters = self.clusters()
-        lines: list[dict] = []
-        for a in self.state.attempts(job_id):
-            if a.cluster not in clusters:
-                continue
-            try:
-                records = run_files(clusters[a.cluster], job_id, a.attempt).read_metrics()
-            except OSError as exc:
-                log.warning("job %s attempt %d: cannot read metrics: %s", job_id, a.attempt, exc)
-                continue
-            lines += [{**r, "attempt": a.attempt, "cluster": a.cluster} for r in records]
-        return lines
-
-    def job_logs(self, job_id: str, number: int | None = None) -> tuple[AttemptRecord, str] | None:
-        """The Ray job logs of attempt `number` (default: the latest), or None before it was
-        submitted. An earlier attempt's logs are there as long as its cluster keeps them."""
-        if number is None:
-            attempt = self.state.latest_attempt(job_id)
-        else:
-            attempt = self.state.get_attempt(job_id, number)
-        if attempt is None or attempt.ray_job_id is None:
-            return None
-        return attempt, self._backend(self.clusters()[attempt.cluster]).logs(attempt.ray_job_id)
 
     # ---- placement ----------------------------------------------------------------------
 
@@ -614,7 +585,7 @@ class Controller:
 
     def _hand_over(self, job, cluster, attempt, now) -> None:
         try:
-            ray_job_id = self._backend(cluster).submit(self._spec(job, cluster, attempt))
+            ray_job_id = self.backend(cluster).submit(self._spec(job, cluster, attempt))
         except Exception as exc:
             self.state.update_attempt(
                 job.job_id,
