@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.user_configs import HUGE_MODEL
+
 CHECKOUT = Path(__file__).resolve().parents[2]
 PIP_TIMEOUT_S = 120
 
@@ -44,17 +46,6 @@ COMPOSE = textwrap.dedent(
     print(json.dumps(found))
     """
 )
-
-HUGE = """\
-name: huge
-dim: 128
-n_layers: 2
-n_heads: 4
-n_kv_heads: 2
-vocab_size: 256
-ffn_hidden_dim: 352
-max_seq_len: 256
-"""
 
 
 def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
@@ -100,7 +91,7 @@ def test_the_wheel_holds_every_config_group(installed: Path, spillway_home: Path
 def test_an_installed_wheel_composes_without_the_checkout(installed: Path, tmp_path: Path):
     user_dir = tmp_path / "my-configs"
     (user_dir / "model").mkdir(parents=True)
-    (user_dir / "model" / "huge.yaml").write_text(HUGE)
+    (user_dir / "model" / "huge.yaml").write_text(HUGE_MODEL)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SPILLWAY_CONFIG_DIR")}

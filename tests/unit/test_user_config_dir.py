@@ -9,6 +9,7 @@ import pytest
 from orchestrator.cli import main
 from orchestrator.config import ConfigError, compose_run, validate
 from orchestrator.config.compose import CONFIG_DIR_ENV
+from tests.user_configs import HUGE_MODEL
 
 MINE = """\
 name: mine
@@ -24,17 +25,6 @@ clusters:
     storage_root: s3://my-team/checkpoints
 """
 
-HUGE = """\
-name: huge
-dim: 128
-n_layers: 2
-n_heads: 4
-n_kv_heads: 2
-vocab_size: 256
-ffn_hidden_dim: 352
-max_seq_len: 256
-"""
-
 
 @pytest.fixture
 def user_dir(tmp_path: Path) -> Path:
@@ -42,7 +32,7 @@ def user_dir(tmp_path: Path) -> Path:
     (mine / "fleet").mkdir(parents=True)
     (mine / "model").mkdir()
     (mine / "fleet" / "mine.yaml").write_text(MINE)
-    (mine / "model" / "huge.yaml").write_text(HUGE)
+    (mine / "model" / "huge.yaml").write_text(HUGE_MODEL)
     return mine
 
 
@@ -91,7 +81,7 @@ def test_a_config_dir_that_does_not_exist_is_named(tmp_path: Path, clean_env, mo
 
 
 def test_a_user_file_named_like_spillways_own_is_refused(user_dir: Path, clean_env, monkeypatch):
-    (user_dir / "model" / "tiny.yaml").write_text(HUGE.replace("huge", "tiny"))
+    (user_dir / "model" / "tiny.yaml").write_text(HUGE_MODEL.replace("huge", "tiny"))
     monkeypatch.setenv(CONFIG_DIR_ENV, str(user_dir))
     with pytest.raises(ConfigError) as err:
         compose_run()
