@@ -32,6 +32,7 @@ from orchestrator.fleet.local import (
     start_local_cluster,
     stop_local_cluster,
 )
+from orchestrator.fleet.probe import wait_for_devices
 from orchestrator.fleet.s3server import (
     S3Server,
     credentials_path,
@@ -260,6 +261,12 @@ def up(
             name, c.devices, c.device_resource, num_cpus, cluster_dir, temp_dir, cluster_ports,
             nodes=nodes, mounts=mounts, extra_env=extra,
         )  # fmt: skip
+        token = read_token(rec.token_path, None)
+        try:
+            wait_for_devices(name, rec.dashboard_url, token, c.device_resource, c.devices)
+        except RuntimeError:
+            stop_local_cluster(rec)  # half a cluster is not recorded as started
+            raise
         # A cluster started later than the others still counts its lease from the fleet's start.
         rec.lease_start = resolve_time(c.lease_start, anchor)
         rec.lease_end = resolve_time(c.lease_end, anchor)

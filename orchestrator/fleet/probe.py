@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from orchestrator.fleet.fleet import ClusterView
 from orchestrator.fleet.tokens import auth_headers
+
+if TYPE_CHECKING:  # fleet.fleet waits on a fresh cluster through this module
+    from orchestrator.fleet.fleet import ClusterView
 
 
 @dataclass(frozen=True)
@@ -20,8 +24,8 @@ class ClusterHealth:
     error: str | None = None
 
 
-def _get(view: ClusterView, path: str, timeout_s: float) -> dict:
-    req = urllib.request.Request(view.dashboard_url + path, headers=auth_headers(view.token))
+def _get(dashboard_url: str, token: str | None, path: str, timeout_s: float) -> dict:
+    req = urllib.request.Request(dashboard_url + path, headers=auth_headers(token))
     with urllib.request.urlopen(req, timeout=timeout_s) as resp:
         return json.loads(resp.read())
 
@@ -31,8 +35,16 @@ def probe(view: ClusterView, timeout_s: float = 2.0) -> ClusterHealth:
         return ClusterHealth(False, error="not running: spillway fleet up")
     if not view.dashboard_url:
         return ClusterHealth(False, error="no dashboard_url")
+    return device_usage(view.dashboard_url, view.token, view.device_resource, timeout_s)
+
+
+def device_usage(
+    dashboard_url: str, token: str | None, device_resource: str, timeout_s: float = 2.0
+) -> ClusterHealth:
+    """What the cluster's autoscaler summary says of `device_resource`, used and total."""
     try:
-        status = _get(view, "/api/cluster_status", timeout_s)["data"]["autoscalingStatus"]
+        path = "/api/cluster_status"
+        status = _get(dashboard_url, token, path, timeout_s)["data"]["autoscalingStatus"]
     except urllib.error.HTTPError as exc:
         reason = "token refused" if exc.code in (401, 403) else f"HTTP {exc.code}"
         return ClusterHealth(False, error=reason)
@@ -40,7 +52,32 @@ def probe(view: ClusterView, timeout_s: float = 2.0) -> ClusterHealth:
         return ClusterHealth(False, error=f"unreachable: {getattr(exc, 'reason', exc)}")
     # The autoscaler's summary line keeps Ray's own resource names, e.g. "0.0/2.0 spillway_device";
     # in the first seconds after a start it has not reported yet.
-    usage = re.search(rf"([\d.]+)/([\d.]+) {re.escape(view.device_resource)}\b", status or "")
+    usage = re.search(rf"([\d.]+)/([\d.]+) {re.escape(device_resource)}\b", status or "")
     if usage is None:
         return ClusterHealth(True)
     return ClusterHealth(True, float(usage.group(1)), float(usage.group(2)))
+
+
+def wait_for_devices(
+    name: str,
+    dashboard_url: str,
+    token: str | None,
+    device_resource: str,
+    devices: int,
+    timeout_s: float = 60.0,
+) -> None:
+    """Block until cluster `name` reports all `devices`: a worker raylet is up seconds before
+    the autoscaler's summary counts it, and a cluster that looks half its size misleads both
+    `fleet status` and the policy."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        health = device_usage(dashboard_url, token, device_resource)
+        if health.devices_total is not None and health.devices_total >= devices:
+            return
+        if time.monotonic() > deadline:
+            seen = health.error or f"{health.devices_total or 0:g} of them"
+            raise RuntimeError(
+                f"cluster {name} did not report its {devices} {device_resource} within "
+                f"{timeout_s:g}s (last seen: {seen})"
+            )
+        time.sleep(0.5)
