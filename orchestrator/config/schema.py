@@ -87,6 +87,15 @@ class CheckpointConfig:
     # An fsspec URL or a local path.
     storage: str = "${run_dir}/checkpoints"
     verify_hashes: bool = True
+    # Which committed step to resume from: null means the newest in storage (a run by hand);
+    # the controller names the one it chose and verified, 0 meaning from scratch.
+    resume_step: int | None = None
+    # Fencing, set by the controller for each attempt: this attempt's epoch, and the URL of
+    # the job's fence file on the cluster's storage. Before each commit and each prune rank 0
+    # reads the fence; a newer epoch there means a newer attempt exists, and this one drains
+    # itself committing nothing (exit_codes.FENCED). Null (a run by hand): no fence.
+    epoch: int | None = None
+    fence_url: str | None = None
 
 
 @dataclass

@@ -15,11 +15,13 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from orchestrator import exit_codes
+from orchestrator.backends.base import TERMINAL, ClusterBackend
 from orchestrator.backends.ray_jobs import RayJobsBackend, submission_id
 from orchestrator.controller import migration
 from orchestrator.controller.job_states import AttemptState, JobState
@@ -29,7 +31,6 @@ from orchestrator.controller.recovery import (
     Outcome,
     classify,
     cluster_at_fault,
-    exit_code_of,
     recover,
 )
 from orchestrator.controller.requests import ACTIVE
@@ -59,20 +60,39 @@ def _placement(job: JobRecord) -> dict:
 
 
 class Controller:
-    def __init__(self, state_dir: str, fleet_cfg: DictConfig) -> None:
+    """The reconcile loop over one state dir and one fleet.
+
+    Everything it touches outside its own state is injected, so its unit tests run it on an
+    in-memory fleet: `backend_for` gives the backend of one cluster (the Ray Jobs API by
+    default), `probe` asks a cluster how it is, `clock` tells the time and `fleet` resolves
+    the clusters (their storage roots are where run files and checkpoints live)."""
+
+    def __init__(
+        self,
+        state_dir: str,
+        fleet_cfg: DictConfig,
+        backend_for: Callable[[ClusterView], ClusterBackend] = RayJobsBackend,
+        probe: Callable[[ClusterView], ClusterHealth] = probe,
+        clock: Callable[[], float] = time.time,
+        fleet: Callable[[], list[ClusterView]] | None = None,
+    ) -> None:
         self.state_dir = state_dir
         self.fleet_cfg = fleet_cfg
         self.state = ControllerState.open(Path(state_dir) / "controller.db")
+        self._backend_for = backend_for
+        self._probe_cluster = probe
+        self.clock = clock
+        self._fleet = fleet or (lambda: fleet_mod.resolve(fleet_cfg, state_dir))
         # Requests from the CLI and the loop never interleave inside one decision.
         self.lock = threading.RLock()
         self._copies: dict[tuple[str, int], threading.Thread] = {}
         self._unreachable_since: dict[str, float] = {}
         self._health: dict[str, ClusterHealth] = {}  # this tick's probes
-        # Per cluster: the (address, token) a Jobs API client was made for, and the client.
-        self._backends: dict[str, tuple[tuple, RayJobsBackend]] = {}
+        # Per cluster: the (address, token) a backend was made for, and the backend.
+        self._backends: dict[str, tuple[tuple, ClusterBackend]] = {}
 
     def clusters(self) -> dict[str, ClusterView]:
-        return {v.name: v for v in fleet_mod.resolve(self.fleet_cfg, self.state_dir)}
+        return {v.name: v for v in self._fleet()}
 
     def _order(self, job: JobRecord) -> list[str]:
         """The clusters the job accepts, in its order, else the fleet's."""
@@ -84,18 +104,18 @@ class Controller:
             raise KeyError(f"no job {job_id}")
         return job
 
-    def backend(self, cluster: ClusterView) -> RayJobsBackend:
-        """One Jobs API client per cluster address and token, kept across ticks: making one
-        costs an HTTP round trip. A cluster that stops answering gets a fresh one."""
+    def backend(self, cluster: ClusterView) -> ClusterBackend:
+        """One backend per cluster address and token, kept across ticks: making a Jobs API
+        client costs an HTTP round trip. A cluster that stops answering gets a fresh one."""
         key = (cluster.dashboard_url, cluster.token)
         cached = self._backends.get(cluster.name)
         if cached is None or cached[0] != key:
-            cached = self._backends[cluster.name] = (key, RayJobsBackend(cluster))
+            cached = self._backends[cluster.name] = (key, self._backend_for(cluster))
         return cached[1]
 
     def _probe(self, cluster: ClusterView) -> ClusterHealth:
         if cluster.name not in self._health:
-            self._health[cluster.name] = probe(cluster)
+            self._health[cluster.name] = self._probe_cluster(cluster)
         return self._health[cluster.name]
 
     # ---- the loop -----------------------------------------------------------------------
@@ -226,7 +246,7 @@ class Controller:
         """The user's cancel is recorded; make the cluster match it."""
         if health.reachable and attempt.ray_job_id:
             backend = self.backend(cluster)
-            if not backend.status(attempt.ray_job_id).is_terminal():
+            if backend.status(attempt.ray_job_id) not in TERMINAL:
                 backend.stop(attempt.ray_job_id)
         self.state.update_attempt(
             job.job_id,
@@ -238,8 +258,8 @@ class Controller:
         )
 
     def _finish(self, job, attempt, cluster, backend, ray_job_id, status, now) -> None:
-        info = backend.client.get_job_info(ray_job_id)
-        code = exit_code_of(getattr(info, "driver_exit_code", None), info.message)
+        info = backend.info(ray_job_id)
+        code = info.exit_code
         outcome = classify(status, code, list(_placement(job)["user_error_exit_codes"]))
         fields = self._ended(job, attempt, cluster, now)
         fields["exit_reason"] = info.message
@@ -537,7 +557,7 @@ class Controller:
             )
         except Exception as exc:  # the copy failed after its retries: a fault like any other
             with self.lock:
-                now = time.time()
+                now = self.clock()
                 what = f"checkpoint copy to {target.name} failed: {exc}"
                 self.state.update_attempt(
                     job_id, number, state=AttemptState.FAILED, ended_at=now, exit_reason=what
@@ -598,7 +618,7 @@ class Controller:
             self._settle(job.job_id, JobState.PENDING, cause, now, attempt.attempt)
             return
         self.state.update_attempt(
-            job.job_id, attempt.attempt, ray_job_id=ray_job_id, submitted_at=time.time()
+            job.job_id, attempt.attempt, ray_job_id=ray_job_id, submitted_at=self.clock()
         )
         self.state.add_event(
             job.job_id, "submit", f"submitted {ray_job_id} to {cluster.name}", now, attempt.attempt

@@ -10,7 +10,6 @@ run Spillway is at fault itself: the job leaves it as it would leave a lost clus
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from enum import Enum
 
@@ -25,17 +24,6 @@ class Outcome(str, Enum):
     # The cluster's Python lacks what Spillway needs: recover elsewhere, as from a lost cluster.
     BROKEN_CLUSTER = "BROKEN_CLUSTER"
     FAULT = "FAULT"  # anything else: recover from the last committed checkpoint
-
-
-_EXIT_CODE = re.compile(r"exit code (-?\d+)")
-
-
-def exit_code_of(driver_exit_code: int | None, message: str | None) -> int | None:
-    """The driver's exit code, from the Jobs API field or, on older Ray, its message."""
-    if driver_exit_code is not None:
-        return driver_exit_code
-    found = _EXIT_CODE.search(message or "")
-    return int(found.group(1)) if found else None
 
 
 def classify(status: str, exit_code: int | None, user_error_exit_codes: list[int]) -> Outcome:

@@ -26,6 +26,8 @@ class AttemptSpec:
     world_size: int
     device_resource: str
     run_dir: str
+    # Only the job's newest epoch may commit (see CheckpointConfig.fence_url).
+    epoch: int = 0
     reserve_timeout_s: float = 120.0
 
     def to_json(self) -> str:
@@ -37,12 +39,25 @@ class AttemptSpec:
 
 
 def attempt_run_config(
-    run_config: dict[str, Any], world_size: int, run_dir: str, checkpoint_storage: str
+    run_config: dict[str, Any],
+    world_size: int,
+    run_dir: str,
+    checkpoint_storage: str,
+    epoch: int | None = None,
+    fence_url: str | None = None,
+    resume_step: int | None = None,
 ) -> dict[str, Any]:
     """The run config one attempt trains: the one stored at launch, with the keys that belong
-    to this attempt pinned (its world size, its run dir, the job's checkpoints on its cluster)."""
+    to this attempt pinned (its world size, its run dir, the job's checkpoints on its cluster,
+    its epoch and fence, and the committed step the controller chose for it to resume from)."""
     cfg = {k: copy.deepcopy(v) for k, v in run_config.items() if k not in NOT_SHIPPED}
     cfg["resources"] = {**cfg.get("resources", {}), "devices": world_size}
     cfg["run_dir"] = run_dir
-    cfg["checkpoint"] = {**cfg.get("checkpoint", {}), "storage": checkpoint_storage}
+    cfg["checkpoint"] = {
+        **cfg.get("checkpoint", {}),
+        "storage": checkpoint_storage,
+        "epoch": epoch,
+        "fence_url": fence_url,
+        "resume_step": resume_step,
+    }
     return cfg

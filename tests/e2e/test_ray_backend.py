@@ -8,6 +8,7 @@ import time
 import pytest
 from omegaconf import OmegaConf
 
+from orchestrator.backends.base import TERMINAL
 from orchestrator.backends.ray_jobs import RayJobsBackend
 from orchestrator.config import compose_run
 from orchestrator.exit_codes import NO_CAPACITY
@@ -53,7 +54,7 @@ def wait_terminal(backend: RayJobsBackend, ray_job_id: str, timeout_s: float = 1
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = backend.status(ray_job_id)
-        if status.is_terminal():
+        if status in TERMINAL:
             return status
         time.sleep(0.5)
     raise AssertionError(f"{ray_job_id} still {status} after {timeout_s}s")
@@ -81,8 +82,8 @@ def test_a_gang_that_cannot_be_reserved_fails_with_its_own_exit_code(clusters):
     )
     ray_job_id = home.submit(spec)
     assert str(wait_terminal(home, ray_job_id)) == "FAILED"
-    info = home.client.get_job_info(ray_job_id)
-    assert f"exit code {NO_CAPACITY}" in (info.message or ""), info.message
+    info = home.info(ray_job_id)
+    assert info.exit_code == NO_CAPACITY and f"exit code {NO_CAPACITY}" in info.message, info
     assert "could not reserve 3 x spillway_device" in home.logs(ray_job_id)
 
 
@@ -93,4 +94,4 @@ def test_the_partner_refuses_a_submission_without_its_token(clusters):
     wrong = dataclasses.replace(clusters["partner"], token=clusters["home"].token)
     with pytest.raises(Exception, match="(?i)unauthorized|authentication|401"):
         RayJobsBackend(wrong).submit(spec_for(clusters["partner"], "jwrongtoken", world_size=1))
-    assert RayJobsBackend(clusters["partner"]).client.list_jobs() == []
+    assert RayJobsBackend(clusters["partner"]).list() == []

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from orchestrator import exit_codes
+from orchestrator.backends.ray_jobs import exit_code_of
 from orchestrator.controller.recovery import (
     Failover,
     Outcome,
     Restart,
     classify,
     cluster_at_fault,
-    exit_code_of,
     recover,
 )
 
