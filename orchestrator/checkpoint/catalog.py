@@ -18,7 +18,15 @@ from collections.abc import Callable
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from orchestrator.checkpoint.manifest import MANIFEST_NAME, CheckpointInvalid, verify
+from orchestrator.checkpoint.manifest import (
+    MANIFEST_NAME,
+    CheckpointInvalid,
+    digest_of,
+    manifest_epoch,
+    parse_manifest,
+    read_manifest_bytes,
+    verify,
+)
 from orchestrator.checkpoint.storage import join, remove_tree, rename_dir
 
 logger = logging.getLogger(__name__)
@@ -134,6 +142,83 @@ def committed_steps(fs: fsspec.AbstractFileSystem, root: str) -> list[int]:
     if renames_atomically(fs):
         return steps
     return [s for s in steps if _has_manifest(fs, root, s)]
+
+
+class CheckpointNotFound(FileNotFoundError):
+    """The committed step a run was told to resume from is not there (or does not verify).
+
+    A FileNotFoundError, so it counts as infrastructure (storage), never as the user's error:
+    the controller named a step it had verified."""
+
+
+def require_step(
+    fs: fsspec.AbstractFileSystem, root: str, step: int, check_hashes: bool = True
+) -> str:
+    """The path of committed ``step`` once it verifies; CheckpointNotFound naming the step and
+    the storage URL otherwise. No fallback to another step: the caller asked for this one."""
+    url = fs.unstrip_protocol(root)
+    if step not in committed_steps(fs, root):
+        raise CheckpointNotFound(f"checkpoint step {step} is not committed in {url}")
+    path = step_dir(root, step)
+    try:
+        verify(fs, path, check_hashes=check_hashes)
+    except CheckpointInvalid as e:
+        raise CheckpointNotFound(f"checkpoint step {step} in {url} does not verify: {e}") from e
+    return path
+
+
+def committed_manifests(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    warn: Callable[[str], None] = logger.warning,
+) -> dict[int, tuple[str, int | None]]:
+    """Each committed step -> (sha256 of its manifest's exact bytes, the committing epoch).
+
+    What the controller records when a step is committed, to check a later copy against. Each
+    manifest is read once and parsed for shape only; its files are not read here (a copy
+    verifies them against the bytes whose digest was recorded). A step whose manifest is gone
+    (pruned meanwhile) or does not parse is left out, with a warning for the latter.
+    """
+    out: dict[int, tuple[str, int | None]] = {}
+    for step in committed_steps(fs, root):
+        path = step_dir(root, step)
+        try:
+            raw = read_manifest_bytes(fs, path)
+            doc = parse_manifest(path, raw)
+        except CheckpointInvalid as e:
+            if e.reason != "is missing":
+                warn(f"not recording checkpoint {e}")
+            continue
+        out[step] = (digest_of(raw), manifest_epoch(doc))
+    return out
+
+
+def remove_superseded(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    step: int,
+    epoch: int,
+    warn: Callable[[str], None] = logger.warning,
+) -> bool:
+    """Make room for a save of ``step`` by an attempt of ``epoch`` that holds the job's fence.
+
+    A checkpoint already committed at that step by an older epoch (or by none: a run by hand)
+    is a superseded line's, such as a zombie's, which the controller never resumes from; left
+    there, commit would refuse to replace it and the new line could never pass that step. It
+    is removed (True). One of this epoch or newer is left for commit to refuse (False).
+    """
+    path = step_dir(root, step)
+    fs.invalidate_cache(path)
+    try:
+        doc = parse_manifest(path, read_manifest_bytes(fs, path))
+    except CheckpointInvalid:
+        return False  # no committed checkpoint there: debris is cleared by prepare_staging
+    old = manifest_epoch(doc)
+    if old is not None and old >= epoch:
+        return False
+    warn(f"removing checkpoint step {step} of epoch {old}: a superseded line (this is {epoch})")
+    remove_tree(fs, path)
+    return True
 
 
 def latest_verified(

@@ -2,7 +2,10 @@
 
 The manifest is the only thing that makes a directory trustworthy: a save can die at
 any point, and object stores have no atomic directory rename, so readers verify the
-listed sizes/hashes instead of trusting that a directory exists.
+listed sizes/hashes instead of trusting that a directory exists. A manifest written on a
+partner proves nothing against that partner, though: the controller records the digest of the
+manifest's exact bytes (manifest_digest) when the step is committed, and a copy checks the
+manifest against it before anything else is read (transfer.copy_checkpoint).
 """
 
 from __future__ import annotations
@@ -87,8 +90,12 @@ def write_manifest(
     dir_path: str,
     entries: list[FileEntry],
     meta: dict[str, Any] | None = None,
+    epoch: int | None = None,
 ) -> None:
-    """Write ``MANIFEST.json``; refuses unless ``entries`` cover exactly the files present."""
+    """Write ``MANIFEST.json``; refuses unless ``entries`` cover exactly the files present.
+
+    ``epoch`` is the committing attempt's (None for a run by hand), so the controller can tell
+    whose line a checkpoint belongs to."""
     listed = [e.path for e in entries]
     dupes = sorted({p for p in listed if listed.count(p) > 1})
     if dupes:
@@ -107,6 +114,7 @@ def write_manifest(
         "version": MANIFEST_VERSION,
         "files": [asdict(e) for e in sorted(entries, key=lambda e: e.path)],
         "meta": dict(meta or {}),
+        "epoch": epoch,
     }
     # Serialise before opening so a non-JSON meta fails without leaving a truncated file.
     data = json.dumps(doc, indent=1, sort_keys=True).encode()
@@ -119,6 +127,7 @@ def build_manifest(
     dir_path: str,
     meta: dict[str, Any] | None = None,
     precomputed: dict[str, FileEntry] | None = None,
+    epoch: int | None = None,
 ) -> list[FileEntry]:
     """Hash every file not already in ``precomputed``, write the manifest, return entries.
 
@@ -136,8 +145,45 @@ def build_manifest(
     # Leftover precomputed entries name files a rank reported but that are not on
     # storage; pass them on so write_manifest rejects the partial checkpoint.
     entries.extend(precomputed.values())
-    write_manifest(fs, dir_path, entries, meta)
+    write_manifest(fs, dir_path, entries, meta, epoch)
     return entries
+
+
+def read_manifest_bytes(fs: fsspec.AbstractFileSystem, dir_path: str) -> bytes:
+    """The manifest's exact bytes; CheckpointInvalid if there is none."""
+    path = join(dir_path, MANIFEST_NAME)
+    fs.invalidate_cache(_norm(fs, dir_path))
+    try:
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise CheckpointInvalid(dir_path, MANIFEST_NAME, "is missing") from e
+
+
+def digest_of(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def manifest_digest(fs: fsspec.AbstractFileSystem, step_dir: str) -> str:
+    """sha256 (hex) of the manifest file's exact bytes: what the controller records at commit."""
+    return digest_of(read_manifest_bytes(fs, step_dir))
+
+
+def check_digest(dir_path: str, raw: bytes, expected: str) -> None:
+    """CheckpointInvalid unless ``raw`` is the manifest whose digest was recorded."""
+    got = digest_of(raw)
+    if got != expected:
+        raise CheckpointInvalid(
+            dir_path,
+            MANIFEST_NAME,
+            f"has sha256 {got[:12]}..., which does not match the digest recorded when it was "
+            f"committed ({expected[:12]}...)",
+        )
+
+
+def manifest_epoch(doc: dict[str, Any]) -> int | None:
+    """The epoch of the attempt that committed a parsed manifest (None: by hand, or older)."""
+    return doc.get("epoch")
 
 
 def _parse(dir_path: str, raw: bytes) -> dict[str, Any]:
@@ -168,22 +214,32 @@ def _parse(dir_path: str, raw: bytes) -> dict[str, Any]:
         # A hand-edited or hostile manifest must not make us read outside the directory.
         if not rel or rel.startswith("/") or ".." in rel.split("/"):
             raise bad(f"lists an unsafe path {rel!r}")
+    epoch = doc.get("epoch")
+    if epoch is not None and (not isinstance(epoch, int) or isinstance(epoch, bool)):
+        raise bad(f"has a malformed epoch {epoch!r}")
     return doc
 
 
+def parse_manifest(dir_path: str, raw: bytes) -> dict[str, Any]:
+    """The manifest in ``raw``, checked for shape only (not against any file)."""
+    return _parse(dir_path, raw)
+
+
 def verify(
-    fs: fsspec.AbstractFileSystem, dir_path: str, check_hashes: bool = True
+    fs: fsspec.AbstractFileSystem,
+    dir_path: str,
+    check_hashes: bool = True,
+    raw: bytes | None = None,
 ) -> dict[str, Any]:
     """Return the parsed manifest, or raise CheckpointInvalid naming the first bad file.
 
     ``check_hashes=False`` checks presence and sizes only, which catches truncated
-    uploads without re-reading every byte.
+    uploads without re-reading every byte. ``raw``: the manifest's bytes as the caller already
+    read them (and checked against a recorded digest); the files are verified against exactly
+    those, never against a second read that a hostile store could answer differently.
     """
-    try:
-        with fs.open(join(dir_path, MANIFEST_NAME), "rb") as f:
-            raw = f.read()
-    except FileNotFoundError as e:
-        raise CheckpointInvalid(dir_path, MANIFEST_NAME, "is missing") from e
+    if raw is None:
+        raw = read_manifest_bytes(fs, dir_path)
     doc = _parse(dir_path, raw)
 
     for item in doc["files"]:

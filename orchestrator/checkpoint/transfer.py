@@ -4,9 +4,14 @@ The source and target are fsspec URLs and may be different filesystems (local di
 source cluster, an object store or memory:// on the target). The copy goes through the same
 protocol as a save: every file listed in the source manifest is streamed into the target's
 ``step-N.tmp/`` (on an object store, ``step-N/``), hashed on the fly and checked against the
-manifest as it arrives, the manifest is written last, and only then is the directory committed. A copy that fails, or whose bytes
-do not match, is never committed, so the target can only ever expose a checkpoint that
-verifies.
+manifest as it arrives, the manifest is written last, and only then is the directory committed. A
+copy that fails, or whose bytes do not match, is never committed, so the target can only ever
+expose a checkpoint that verifies.
+
+The source may be a partner's bucket, and a partner can rewrite a manifest to match any bytes.
+So the source manifest is read exactly once; when the caller has the digest recorded at commit
+time, those bytes are checked against it before anything else is parsed or copied, and every
+file is then checked against those same bytes, which are also the ones written to the target.
 """
 
 from __future__ import annotations
@@ -23,7 +28,13 @@ from typing import Any
 import fsspec
 
 from orchestrator.checkpoint import catalog
-from orchestrator.checkpoint.manifest import MANIFEST_NAME, CheckpointInvalid, verify
+from orchestrator.checkpoint.manifest import (
+    MANIFEST_NAME,
+    CheckpointInvalid,
+    check_digest,
+    read_manifest_bytes,
+    verify,
+)
 from orchestrator.checkpoint.storage import join, open_root, remove_tree
 
 logger = logging.getLogger(__name__)
@@ -121,11 +132,13 @@ def _copy_once(
     fs_dst: fsspec.AbstractFileSystem,
     tmp: str,
     doc: dict[str, Any],
+    raw: bytes,
     chunk_bytes: int,
     advance: Callable[[int], None],
     hasher: ThreadPoolExecutor,
 ) -> None:
-    """Fill ``tmp`` with the listed files, then the manifest; the caller commits or cleans up."""
+    """Fill ``tmp`` with the files ``doc`` lists, then the manifest ``raw`` it was parsed from;
+    the caller commits or cleans up."""
     remove_tree(fs_dst, tmp)  # a stale tmp from a crashed copy or save would be mixed in
     fs_dst.makedirs(tmp, exist_ok=True)
     made = {tmp}
@@ -146,15 +159,7 @@ def _copy_once(
             advance,
             hasher,
         )
-    with fs_src.open(join(src_dir, MANIFEST_NAME), "rb") as f:
-        raw = f.read()  # small: one entry per file
-    try:
-        same = json.loads(raw) == doc
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        same = False
-    if not same:
-        # The files were checked against `doc`; a different manifest would bless other bytes.
-        raise CheckpointInvalid(src_dir, MANIFEST_NAME, "changed while the checkpoint was copied")
+    # The bytes the files were checked against, not a second read of the source's manifest.
     with fs_dst.open(join(tmp, MANIFEST_NAME), "wb") as f:
         f.write(raw)
 
@@ -170,8 +175,13 @@ def copy_checkpoint(
     limit_bytes_per_s: float | None = None,
     src_options: dict[str, Any] | None = None,
     dst_options: dict[str, Any] | None = None,
+    expected_manifest_digest: str | None = None,
 ) -> CopyResult:
     """Copy committed checkpoint ``step`` (default: the source's newest that verifies by size).
+
+    ``expected_manifest_digest``: the sha256 of the step's manifest recorded when it was
+    committed (manifest.manifest_digest). A source manifest with another digest raises
+    ``CheckpointInvalid`` before any other byte of the source is read, and is not retried.
 
     Returns without copying (``bytes=0``, ``attempts=0``) when the target already has the step
     committed with the same manifest and every hash verifies, so a controller that restarts
@@ -195,6 +205,9 @@ def copy_checkpoint(
     """
     if retries < 0:
         raise ValueError(f"retries must be >= 0, got {retries}")
+    if expected_manifest_digest is not None and step is None:
+        # A digest is recorded for one step; "the newest" might be another one.
+        raise ValueError("expected_manifest_digest needs the step it was recorded for")
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     if limit_bytes_per_s is not None:
@@ -207,7 +220,10 @@ def copy_checkpoint(
     fs_dst, dst_root = open_root(dst_url, dst_options)
     step = _pick_step(fs_src, src_root, step)
     src_dir = catalog.step_dir(src_root, step)
-    doc = verify(fs_src, src_dir, check_hashes=False)  # presence and sizes
+    raw = read_manifest_bytes(fs_src, src_dir)  # the one read of the source manifest
+    if expected_manifest_digest is not None:
+        check_digest(src_dir, raw, expected_manifest_digest)
+    doc = verify(fs_src, src_dir, check_hashes=False, raw=raw)  # presence and sizes
     total = sum(f["size"] for f in doc["files"])
     nfiles = len(doc["files"])
 
@@ -251,7 +267,7 @@ def copy_checkpoint(
             attempt_began = time.perf_counter()
 
             try:
-                _copy_once(fs_src, src_dir, fs_dst, tmp, doc, chunk_bytes, advance, hasher)
+                _copy_once(fs_src, src_dir, fs_dst, tmp, doc, raw, chunk_bytes, advance, hasher)
                 catalog.commit(fs_dst, tmp, final, check_hashes=False)
             except BaseException as e:
                 # Whatever went wrong (a bad byte, I/O, a raising progress callback, Ctrl-C),

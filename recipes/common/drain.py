@@ -16,6 +16,9 @@ from orchestrator import exit_codes
 from orchestrator.rundir import RunDir
 
 DRAINED_EXIT = exit_codes.DRAINED
+# Not a drain: a newer attempt of the job exists, so this one stopped at a save without
+# committing it, and acknowledges nothing (the controller already moved on).
+FENCED_EXIT = exit_codes.FENCED
 
 
 class Drain(Protocol):

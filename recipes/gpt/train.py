@@ -4,8 +4,13 @@
         trainer.max_steps=200 checkpoint.every_steps=50 run_dir=/tmp/run
 
 Writes metrics (one line per optimizer step) into RUN_DIR/metrics/ and committed checkpoints
-under checkpoint.storage (RUN_DIR/checkpoints by default); RUN_DIR may be any fsspec URL. Run the same command again, with any
-number of ranks, and it continues from the latest committed checkpoint.
+under checkpoint.storage (RUN_DIR/checkpoints by default); RUN_DIR may be any fsspec URL. Run the
+same command again, with any number of ranks, and it continues from the latest committed
+checkpoint (or from exactly checkpoint.resume_step, as the controller asks).
+
+An attempt the controller started carries checkpoint.epoch and checkpoint.fence_url; when the
+fence names a newer epoch the attempt stops at its next save, committing and deleting nothing,
+and exits with the fenced status.
 """
 
 from __future__ import annotations
@@ -24,12 +29,13 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from orchestrator.checkpoint.distributed import Checkpointer
+from orchestrator.checkpoint.fence import Fenced
 from orchestrator.checkpoint.rng import seed_rng
 from orchestrator.config import ConfigError, compose_run, pick_device_type, validate
 from orchestrator.rundir import RunDir
 from orchestrator.tracking.progress import BarSafeHandler, Progress
 from orchestrator.tracking.wandb_run import WandbRun, new_run_id
-from recipes.common.drain import DRAINED_EXIT, Drain, SigtermDrain
+from recipes.common.drain import DRAINED_EXIT, FENCED_EXIT, Drain, SigtermDrain
 from recipes.gpt.data import BatchPlan, make_token_source, micro_batches
 from recipes.gpt.model import ModelArgs, Transformer, flops_per_token
 from recipes.gpt.optim import build_optimizer, clip_gradients, warmup_cosine
@@ -74,10 +80,15 @@ def train_step(model, optimizer, batches, device, grad_clip: float) -> tuple[flo
     return loss_sum.item() / (len(batches) * dist.get_world_size()), grad_norm
 
 
+# What a resume reads of the trainer state, and the JSON type each must have.
+STATE_TYPES = {"tokens_seen": int, "run_id": str, "shape_hash": str, "scheduler": dict}
+
+
 @dataclass(frozen=True)
 class TrainResult:
-    step: int  # the last step trained (and checkpointed)
+    step: int  # the last step trained (checkpointed, unless fenced)
     drained: bool  # stopped early on a drain request
+    fenced: bool = False  # stopped at a save because a newer attempt exists; nothing committed
 
 
 def train(cfg: DictConfig, drain: Drain | None = None) -> TrainResult:
@@ -115,116 +126,131 @@ def train(cfg: DictConfig, drain: Drain | None = None) -> TrainResult:
         run_files.record_save(step, seconds)
         metrics.flush()
 
-    ckpt = Checkpointer(
-        cfg.checkpoint.storage,
-        keep=cfg.checkpoint.keep,
-        async_save=cfg.checkpoint.async_save,
-        verify_hashes=cfg.checkpoint.verify_hashes,
-        timeout_s=t.collective_timeout_s,
-        on_commit=committed if rank == 0 else None,
-    )
-
     step, tokens_seen, run_id = 0, 0, new_run_id()
-    seed_rng(t.seed * 7919 + rank)
-    resume_step = ckpt.latest_step()
-    if resume_step is not None:
-        state = ckpt.read_state(resume_step)
-        if state["shape_hash"] != shape_hash(cfg.model):
-            raise SystemExit(
-                f"spillway: checkpoint step {resume_step} in {cfg.checkpoint.storage} was saved "
-                f"from another model shape; use a new run_dir for model={cfg.model.name}"
-            )
-        if not ckpt.load(resume_step, model, optimizer):
-            seed_rng(t.seed * 7919 + rank + 104729 * resume_step)
-        step, tokens_seen, run_id = state["step"], state["tokens_seen"], state["run_id"]
-        scheduler.load_state_dict(state["scheduler"])
+    ckpt = tracker = progress = None
+    drained = fenced = False
+    try:
+        ckpt = Checkpointer(
+            cfg.checkpoint.storage,
+            keep=cfg.checkpoint.keep,
+            async_save=cfg.checkpoint.async_save,
+            verify_hashes=cfg.checkpoint.verify_hashes,
+            timeout_s=t.collective_timeout_s,
+            on_commit=committed if rank == 0 else None,
+            epoch=cfg.checkpoint.epoch,
+            fence_url=cfg.checkpoint.fence_url,
+        )
+        seed_rng(t.seed * 7919 + rank)
+        resume_step = ckpt.resume_step(cfg.checkpoint.resume_step)
+        if resume_step is not None:
+            state = ckpt.read_state(resume_step, expect=STATE_TYPES)
+            if state["shape_hash"] != shape_hash(cfg.model):
+                raise SystemExit(
+                    f"spillway: checkpoint step {resume_step} in {cfg.checkpoint.storage} was "
+                    f"saved from another model shape; use a new run_dir for model={cfg.model.name}"
+                )
+            if not ckpt.load(resume_step, model, optimizer):
+                seed_rng(t.seed * 7919 + rank + 104729 * resume_step)
+            step, tokens_seen, run_id = state["step"], state["tokens_seen"], state["run_id"]
+            ckpt.check_like(resume_step, "scheduler", state["scheduler"], scheduler.state_dict())
+            scheduler.load_state_dict(state["scheduler"])
 
-    tracker = (
-        WandbRun(cfg.logger, run_id, cfg.run_dir, OmegaConf.to_container(cfg))
-        if (rank == 0 and cfg.logger.kind == "wandb")
-        else None
-    )
-    progress = Progress(t.max_steps, step, t.log_every, enabled=rank == 0)
-    progress.note(
-        f"{'resumed from step ' + str(step) if resume_step is not None else 'started'}: "
-        f"{world} rank(s) on {device_type}, {plan.per_rank} seq/rank in {plan.accum_steps} "
-        f"micro-batch(es), run_dir {cfg.run_dir}"
-    )
-    flops_tok, peak = flops_per_token(args, cfg.data.seq_len), peak_flops(device)
-    tokens_per_step = plan.global_batch * cfg.data.seq_len
-    stop_at = t.stop_at_step if t.stop_at_step and t.stop_at_step > step else None
-    drained = False
+        tracker = (
+            WandbRun(cfg.logger, run_id, cfg.run_dir, OmegaConf.to_container(cfg))
+            if (rank == 0 and cfg.logger.kind == "wandb")
+            else None
+        )
+        progress = Progress(t.max_steps, step, t.log_every, enabled=rank == 0)
+        progress.note(
+            f"{'resumed from step ' + str(step) if resume_step is not None else 'started'}: "
+            f"{world} rank(s) on {device_type}, {plan.per_rank} seq/rank in {plan.accum_steps} "
+            f"micro-batch(es), run_dir {cfg.run_dir}"
+        )
+        flops_tok, peak = flops_per_token(args, cfg.data.seq_len), peak_flops(device)
+        tokens_per_step = plan.global_batch * cfg.data.seq_len
+        stop_at = t.stop_at_step if t.stop_at_step and t.stop_at_step > step else None
 
-    def trainer_state(step: int, tokens_seen: int) -> dict:
-        """Everything besides model and optimizer that an exact resume needs."""
-        return {
-            "tokens_seen": tokens_seen,
-            "data_position": step,
-            "run_id": run_id,
-            "scheduler": scheduler.state_dict(),
-            "shape_hash": shape_hash(cfg.model),
-            "config": OmegaConf.to_container(cfg),
-        }
+        def trainer_state(step: int, tokens_seen: int) -> dict:
+            """Everything besides model and optimizer that an exact resume needs (JSON only:
+            it may come back from a partner, and is read with json, never unpickled)."""
+            return {
+                "tokens_seen": tokens_seen,
+                "data_position": step,
+                "run_id": run_id,
+                "scheduler": scheduler.state_dict(),
+                "shape_hash": shape_hash(cfg.model),
+                "config": OmegaConf.to_container(cfg),
+            }
 
-    while step < t.max_steps:
-        step += 1
-        began = time.perf_counter()
-        lr = scheduler.get_last_lr()[0]
-        batches = micro_batches(source, step, plan, rank)
-        loss, grad_norm = train_step(model, optimizer, batches, device, cfg.optim.grad_clip)
-        scheduler.step()
-        tokens_seen += tokens_per_step
-        elapsed = time.perf_counter() - began
-        record = {
-            "step": step,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "world_size": world,
-            "tokens_seen": tokens_seen,
-            "step_time_s": elapsed,
-            "tokens_per_s": tokens_per_step / elapsed,
-            "time": time.time(),  # wall clock: when the controller saw an attempt's first step
-            # The last save's duration, so a lease is left early enough for the drain's save.
-            "checkpoint_s": ckpt.last_commit_s,
-        }
-        if peak:
-            record["mfu"] = flops_tok * tokens_per_step / elapsed / (peak * world)
-        if metrics:
-            metrics.write(record)
-            if tracker:
-                tracker.log(record, step=step)
-        progress.update(step, loss, lr, record["tokens_per_s"])
+        while step < t.max_steps:
+            step += 1
+            began = time.perf_counter()
+            lr = scheduler.get_last_lr()[0]
+            batches = micro_batches(source, step, plan, rank)
+            loss, grad_norm = train_step(model, optimizer, batches, device, cfg.optim.grad_clip)
+            scheduler.step()
+            tokens_seen += tokens_per_step
+            elapsed = time.perf_counter() - began
+            record = {
+                "step": step,
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "world_size": world,
+                "tokens_seen": tokens_seen,
+                "step_time_s": elapsed,
+                "tokens_per_s": tokens_per_step / elapsed,
+                "time": time.time(),  # wall clock: when the controller saw an attempt's first step
+                # The last save's duration, so a lease is left early enough for the drain's save.
+                "checkpoint_s": ckpt.last_commit_s,
+            }
+            if peak:
+                record["mfu"] = flops_tok * tokens_per_step / elapsed / (peak * world)
+            if metrics:
+                metrics.write(record)
+                if tracker:
+                    tracker.log(record, step=step)
+            progress.update(step, loss, lr, record["tokens_per_s"])
 
-        saved = step % cfg.checkpoint.every_steps == 0 or step in (t.max_steps, stop_at)
-        if saved:
-            ckpt.save(step, model, optimizer, trainer_state(step, tokens_seen))
-        else:
-            ckpt.poll()
-        # Every rank agrees at this boundary, so one rank's SIGTERM drains them all.
-        if ckpt.any_rank(drain.requested() is not None):
-            if not saved:
+            saved = step % cfg.checkpoint.every_steps == 0 or step in (t.max_steps, stop_at)
+            if saved:
                 ckpt.save(step, model, optimizer, trainer_state(step, tokens_seen))
-            ckpt.wait()
-            if rank == 0:
-                drain.acknowledge(step)
-            progress.note(
-                f"drained after step {step} ({drain.requested() or 'another rank was asked'})"
-            )
-            drained = True
-            break
-        if step == stop_at:
-            progress.note(f"stopped after step {step} (trainer.stop_at_step); run again to resume")
-            break
-
-    ckpt.close()
-    progress.close()
+            else:
+                ckpt.poll()
+            # Every rank agrees at this boundary, so one rank's SIGTERM drains them all.
+            if ckpt.any_rank(drain.requested() is not None):
+                if not saved:
+                    ckpt.save(step, model, optimizer, trainer_state(step, tokens_seen))
+                ckpt.wait()
+                if rank == 0:
+                    drain.acknowledge(step)
+                progress.note(
+                    f"drained after step {step} ({drain.requested() or 'another rank was asked'})"
+                )
+                drained = True
+                break
+            if step == stop_at:
+                progress.note(
+                    f"stopped after step {step} (trainer.stop_at_step); run again to resume"
+                )
+                break
+        ckpt.close()
+    except Fenced as exc:
+        # Every rank got the same verdict from rank 0. Like a drain, without its save or its
+        # acknowledgement: the checkpoints belong to the newer attempt now.
+        fenced = True
+        if rank == 0:
+            log.warning("spillway: stopped after step %d, committing nothing: %s", step, exc)
+        if ckpt is not None:
+            ckpt.close()  # nothing left in flight: the refused commit took the pending save
+    if progress:
+        progress.close()
     if tracker:
         tracker.close()
     if metrics:
         metrics.close()
     dist.destroy_process_group()
-    return TrainResult(step, drained)
+    return TrainResult(step, drained, fenced)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -238,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"spillway: bad config: {exc}", file=sys.stderr)
         sys.exit(2)
     result = train(cfg)
-    sys.exit(DRAINED_EXIT if result.drained else 0)
+    sys.exit(FENCED_EXIT if result.fenced else DRAINED_EXIT if result.drained else 0)
 
 
 if __name__ == "__main__":

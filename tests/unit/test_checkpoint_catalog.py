@@ -339,6 +339,110 @@ def test_build_manifest_uses_precomputed(store):
         manifest.build_manifest(fs, d, precomputed={"missing.bin": FileEntry("missing.bin", 1, "")})
 
 
+def _committed_with_epoch(fs, root: str, step: int, epoch: int | None) -> str:
+    tmp = catalog.tmp_dir(root, step)
+    _write(fs, storage.join(tmp, "__0_0.distcp"), f"weights-{step}".encode())
+    manifest.build_manifest(fs, tmp, meta={"step": step}, epoch=epoch)
+    final = catalog.step_dir(root, step)
+    catalog.commit(fs, tmp, final)
+    return final
+
+
+def test_manifest_digest_is_the_sha256_of_its_exact_bytes(store):
+    fs, root = store
+    final = _save(fs, root, 4)
+    raw = fs.cat_file(storage.join(final, MANIFEST_NAME))
+    assert manifest.manifest_digest(fs, final) == hashlib.sha256(raw).hexdigest()
+    # Any change to the bytes, even one that parses the same, changes the digest.
+    _write(fs, storage.join(final, MANIFEST_NAME), raw + b"\n")
+    manifest.verify(fs, final)
+    assert manifest.manifest_digest(fs, final) != hashlib.sha256(raw).hexdigest()
+    fs.rm(storage.join(final, MANIFEST_NAME))
+    with pytest.raises(CheckpointInvalid, match="MANIFEST.json is missing"):
+        manifest.manifest_digest(fs, final)
+
+
+def test_the_manifest_records_the_committing_epoch(store):
+    fs, root = store
+    doc = manifest.verify(fs, _committed_with_epoch(fs, root, 2, epoch=7))
+    assert doc["epoch"] == 7 and manifest.manifest_epoch(doc) == 7
+    doc = manifest.verify(fs, _committed_with_epoch(fs, root, 3, epoch=None))
+    assert manifest.manifest_epoch(doc) is None
+
+
+@pytest.mark.parametrize("epoch", ["7", True, 1.5, [1]])
+def test_a_malformed_epoch_does_not_parse(store, epoch):
+    fs, root = store
+    final = _committed_with_epoch(fs, root, 2, epoch=1)
+    doc = json.loads(fs.cat_file(storage.join(final, MANIFEST_NAME)))
+    _write(fs, storage.join(final, MANIFEST_NAME), json.dumps({**doc, "epoch": epoch}).encode())
+    with pytest.raises(CheckpointInvalid, match="has a malformed epoch"):
+        manifest.verify(fs, final)
+
+
+def test_verify_checks_the_files_against_the_bytes_it_is_given(store):
+    fs, root = store
+    final = _save(fs, root, 5, {"__0_0.distcp": b"honest"})
+    honest = fs.cat_file(storage.join(final, MANIFEST_NAME))
+    _write(fs, storage.join(final, "__0_0.distcp"), b"forged")
+    manifest.build_manifest(fs, final, meta={"step": 5})  # a store rewrites its manifest
+    manifest.verify(fs, final)  # what the store now says verifies...
+    with pytest.raises(CheckpointInvalid, match="__0_0.distcp has sha256"):
+        manifest.verify(fs, final, raw=honest)  # ...but not against the bytes recorded
+
+
+def test_committed_manifests_digest_and_epoch_per_step(store):
+    fs, root = store
+    _committed_with_epoch(fs, root, 3, epoch=1)
+    _committed_with_epoch(fs, root, 6, epoch=2)
+    _save(fs, root, 9)  # by hand: no epoch
+    # Neither a save in flight nor a directory whose manifest does not parse is recorded.
+    _write(fs, storage.join(catalog.tmp_dir(root, 12), "__0_0.distcp"), b"in flight")
+    broken = _committed_with_epoch(fs, root, 15, epoch=2)
+    _write(fs, storage.join(broken, MANIFEST_NAME), b"{not json")
+    warnings: list[str] = []
+    got = catalog.committed_manifests(fs, root, warn=warnings.append)
+    assert set(got) == {3, 6, 9}
+    for step, (digest, _) in got.items():
+        assert digest == manifest.manifest_digest(fs, catalog.step_dir(root, step))
+    assert {step: epoch for step, (_, epoch) in got.items()} == {3: 1, 6: 2, 9: None}
+    assert len(warnings) == 1 and "step-000000015: MANIFEST.json is not valid JSON" in warnings[0]
+
+
+def test_require_step_is_exactly_that_step(store):
+    fs, root = store
+    for step in (3, 6):
+        _save(fs, root, step)
+    assert catalog.require_step(fs, root, 3) == catalog.step_dir(root, 3)
+    url = fs.unstrip_protocol(root)
+    with pytest.raises(catalog.CheckpointNotFound) as missing:
+        catalog.require_step(fs, root, 4)
+    assert str(missing.value) == f"checkpoint step 4 is not committed in {url}"
+    assert isinstance(missing.value, FileNotFoundError)
+    _write(fs, storage.join(catalog.step_dir(root, 3), "__0_0.distcp"), b"short")
+    with pytest.raises(catalog.CheckpointNotFound, match="step 3 in .* does not verify: step-0"):
+        catalog.require_step(fs, root, 3, check_hashes=False)
+    e = pickle.loads(pickle.dumps(missing.value))
+    assert isinstance(e, catalog.CheckpointNotFound) and str(e) == str(missing.value)
+
+
+def test_remove_superseded_only_removes_an_older_epochs_step(store):
+    fs, root = store
+    _committed_with_epoch(fs, root, 3, epoch=1)
+    _committed_with_epoch(fs, root, 6, epoch=2)
+    _save(fs, root, 9)  # by hand
+    warnings: list[str] = []
+    assert catalog.remove_superseded(fs, root, 3, epoch=2, warn=warnings.append) is True
+    assert catalog.remove_superseded(fs, root, 6, epoch=2, warn=warnings.append) is False
+    assert catalog.remove_superseded(fs, root, 9, epoch=2, warn=warnings.append) is True
+    assert catalog.remove_superseded(fs, root, 12, epoch=2, warn=warnings.append) is False
+    assert catalog.committed_steps(fs, root) == [6]
+    assert warnings == [
+        "removing checkpoint step 3 of epoch 1: a superseded line (this is 2)",
+        "removing checkpoint step 9 of epoch None: a superseded line (this is 2)",
+    ]
+
+
 def test_checkpoint_invalid_pickles():
     e = pickle.loads(pickle.dumps(CheckpointInvalid("/r/step-000000001", "a", "is missing")))
     assert (e.dir_path, e.file, e.reason) == ("/r/step-000000001", "a", "is missing")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import uuid
 from collections.abc import Iterator
@@ -371,3 +373,100 @@ def test_bad_arguments(roots):
         copy_checkpoint(roots.make("local"), roots.make("local"), 1, retries=-1)
     with pytest.raises(ValueError):
         copy_checkpoint(roots.make("local"), roots.make("local"), 1, chunk_bytes=0)
+    with pytest.raises(ValueError, match="needs the step"):
+        copy_checkpoint(roots.make("local"), roots.make("local"), expected_manifest_digest="ab")
+
+
+# --- the manifest's digest, recorded when the step was committed -----------------------------
+
+
+def _digest(url: str, step: int) -> str:
+    fs, root = storage.open_root(url)
+    return manifest.manifest_digest(fs, catalog.step_dir(root, step))
+
+
+def _forge(url: str, step: int, rel: str, data: bytes) -> None:
+    """What a hostile partner can do: new bytes, and a manifest rewritten to match them."""
+    _overwrite(url, step, rel, data)
+    fs, root = storage.open_root(url)
+    manifest.build_manifest(fs, catalog.step_dir(root, step), meta={"step": step})
+
+
+def test_copy_with_the_recorded_digest(pair):
+    src, dst = pair
+    files = _save(src, 6)
+    recorded = _digest(src, 6)
+    res = copy_checkpoint(src, dst, 6, expected_manifest_digest=recorded)
+    assert res.attempts == 1
+    _assert_committed_copy(src, dst, 6, files)
+    assert _digest(dst, 6) == recorded  # the target holds the very bytes that were recorded
+    again = copy_checkpoint(src, dst, 6, expected_manifest_digest=recorded)
+    assert (again.bytes, again.attempts) == (0, 0)
+
+
+def test_a_forged_checkpoint_is_refused_before_any_file_is_read(tapped, roots):
+    src, dst = roots.make(PROTO), roots.make("local")
+    _save(src, 6)
+    recorded = _digest(src, 6)
+    _forge(src, 6, "model/__0_0.distcp", b"weights of the partner's choosing")
+    forged = _digest(src, 6)
+    tapped.reads = []
+    with pytest.raises(CheckpointInvalid) as refused:
+        copy_checkpoint(src, dst, 6, retries=2, expected_manifest_digest=recorded)
+    assert str(refused.value) == (
+        f"step-000000006: MANIFEST.json has sha256 {forged[:12]}..., which does not match the "
+        f"digest recorded when it was committed ({recorded[:12]}...)"
+    )
+    assert tapped.reads == [], "a data file was read after the manifest was refused"
+    _assert_nothing_committed(dst)
+    assert _dir_names(dst) == []  # nothing staged either
+
+
+TWO_FACED = "spillwaytesttwofaced"
+
+
+class TwoFacedFS(MemoryFileSystem):
+    """memory:// under a test-only protocol whose manifest reads after the first return a forged
+    manifest: a store that answers a second read differently from the first."""
+
+    protocol = TWO_FACED
+    manifest_reads = 0
+    forged: bytes | None = None
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        if isinstance(path, str):
+            path = path.removeprefix(f"{TWO_FACED}://")
+        return super()._strip_protocol(path)
+
+    def _open(self, path, mode="rb", *args, **kwargs):
+        if "r" in mode and str(path).endswith(MANIFEST_NAME):
+            TwoFacedFS.manifest_reads += 1
+            if TwoFacedFS.manifest_reads > 1 and TwoFacedFS.forged is not None:
+                return io.BytesIO(TwoFacedFS.forged)
+        return super()._open(path, mode, *args, **kwargs)
+
+
+@pytest.fixture
+def two_faced(roots) -> Iterator[type[TwoFacedFS]]:
+    fsspec.register_implementation(TWO_FACED, TwoFacedFS, clobber=True)
+    yield TwoFacedFS
+    TwoFacedFS.manifest_reads, TwoFacedFS.forged = 0, None
+
+
+def test_the_source_manifest_is_read_once_and_those_bytes_are_copied(two_faced, roots):
+    src, dst = roots.make(TWO_FACED), roots.make("local")
+    files = _save(src, 6)
+    recorded = _digest(src, 6)
+    honest = _read(src, 6, MANIFEST_NAME)
+    forged = json.loads(honest)
+    forged["files"] = [f for f in forged["files"] if f["path"] != "empty.bin"]
+    two_faced.forged = json.dumps(forged).encode()
+    two_faced.manifest_reads = 0
+    copy_checkpoint(src, dst, 6, expected_manifest_digest=recorded)
+    assert two_faced.manifest_reads == 1
+    fs, root = storage.open_root(dst)
+    with fs.open(storage.join(catalog.step_dir(root, 6), MANIFEST_NAME), "rb") as f:
+        assert f.read() == honest
+    two_faced.forged = None
+    _assert_committed_copy(src, dst, 6, files)
