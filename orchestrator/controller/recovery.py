@@ -1,11 +1,14 @@
 """How an attempt ended, and where the job goes next: the named recovery strategies.
 
 Pure functions of what the controller observed, so every rule is tested without a cluster.
-A fault (a rank or driver died, the cluster was lost, a drain was ignored) sends the job back
-to the queue to resume from its last committed checkpoint, on the clusters its strategy names,
-until it has used up `placement.max_restarts`. An exit code the user marked as the job's own
-error fails it at once: another attempt would fail the same way. A cluster whose Python cannot
-run Spillway is at fault itself: the job leaves it as it would leave a lost cluster.
+Infrastructure (a rank or driver died, storage or a collective failed, the cluster was lost, a
+drain was ignored, someone else stopped the job) sends the job back to the queue to resume from
+its last committed checkpoint, on the clusters its strategy names, until it has used up
+`placement.max_restarts`. Only an exit code the user marked as the job's own error fails it at
+once, since another attempt would fail the same way, and only when the cluster was healthy
+when the attempt ended: on a cluster that lost a node or stopped answering, a "user error" may
+be what the failure looked like from a surviving rank. A cluster whose Python cannot run
+Spillway is at fault itself: the job leaves it as it would leave a lost cluster.
 """
 
 from __future__ import annotations
@@ -19,28 +22,58 @@ from orchestrator import exit_codes
 class Outcome(str, Enum):
     SUCCEEDED = "SUCCEEDED"
     DRAINED = "DRAINED"  # checkpointed and stopped on request
+    FENCED = "FENCED"  # a newer attempt exists: this one stopped before committing anything
+    CANCELLED = "CANCELLED"  # Ray says STOPPED and the controller stopped it
     NO_CAPACITY = "NO_CAPACITY"  # the gang could not be reserved: just queue again
-    USER_ERROR = "USER_ERROR"  # an exit code in placement.user_error_exit_codes
+    # An exit code in placement.user_error_exit_codes, on a healthy cluster: no retry.
+    USER_ERROR = "USER_ERROR"
     # The cluster's Python lacks what Spillway needs: recover elsewhere, as from a lost cluster.
     BROKEN_CLUSTER = "BROKEN_CLUSTER"
-    FAULT = "FAULT"  # anything else: recover from the last committed checkpoint
+    INFRASTRUCTURE = "INFRASTRUCTURE"  # anything else: recover from the last committed checkpoint
 
 
-def classify(status: str, exit_code: int | None, user_error_exit_codes: list[int]) -> Outcome:
-    """What a finished Ray job (status SUCCEEDED, FAILED or STOPPED) means for the job."""
+def classify(
+    status: str,
+    exit_code: int | None,
+    user_error_exit_codes: list[int],
+    cluster_healthy: bool,
+    stopped_by_us: bool = False,
+) -> Outcome:
+    """What a finished Ray job (status SUCCEEDED, FAILED or STOPPED) means for the job.
+
+    `cluster_healthy`: the cluster answered and had all its nodes when the end was observed;
+    `stopped_by_us`: the controller asked Ray to stop this job (a cancel, a zombie it fenced).
+    """
     if status == "SUCCEEDED":
         return Outcome.SUCCEEDED
-    if exit_code == exit_codes.DRAINED:
+    if status == "STOPPED" and stopped_by_us:
+        return Outcome.CANCELLED
+    if exit_code == exit_codes.DRAINED:  # a SIGTERM from outside drains too: nothing was lost
         return Outcome.DRAINED
+    if exit_code == exit_codes.FENCED:
+        return Outcome.FENCED
     if exit_code == exit_codes.NO_CAPACITY:
         return Outcome.NO_CAPACITY
-    if status == "FAILED" and exit_code == exit_codes.BROKEN_ENVIRONMENT:
+    if status != "FAILED" or exit_code is None:
+        # Stopped by someone other than us, or a supervisor that died without an exit code.
+        return Outcome.INFRASTRUCTURE
+    if exit_code == exit_codes.BROKEN_ENVIRONMENT:
         return Outcome.BROKEN_CLUSTER
-    if status == "FAILED" and exit_code in user_error_exit_codes:
+    users = (
+        exit_code in user_error_exit_codes
+        and exit_code >= 1  # a negative code is a signal: the driver was killed
+        and exit_code not in exit_codes.RESERVED  # validate refuses these in the list too
+    )
+    if users and cluster_healthy:
         return Outcome.USER_ERROR
-    # A rank lost (69), a driver killed by a signal (negative), a job stopped by someone
-    # other than us, a supervisor that died: none of them is the job's own fault.
-    return Outcome.FAULT
+    # A rank lost (69), infrastructure (74), a signal, or a user's code on a cluster that was
+    # not healthy: none of them is known to be the job's own fault.
+    return Outcome.INFRASTRUCTURE
+
+
+def skips_retries(outcome: Outcome) -> bool:
+    """Whether the job fails at once, with restarts left: only for the user's own error."""
+    return outcome is Outcome.USER_ERROR
 
 
 def cluster_at_fault(outcome: Outcome) -> bool:

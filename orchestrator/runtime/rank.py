@@ -1,4 +1,10 @@
-"""A rank: one Ray actor per device, running the recipe under torch.distributed."""
+"""A rank: one Ray actor per device, running the recipe under torch.distributed.
+
+A recipe's exception never leaves the actor as a RayTaskError: the rank classifies it where
+its traceback still is (orchestrator.runtime.failures) and returns a plain result, so the
+driver tells a storage hiccup from a bug. A rank whose process died still reaches the driver
+as a RayActorError.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +16,41 @@ from typing import Any
 import ray
 
 from orchestrator.runtime.drain import MarkerDrain
+from orchestrator.runtime.failures import failure_report
+
+
+def train_rank(
+    rank: int, world_size: int, master: tuple[str, int], run_config: dict[str, Any]
+) -> dict[str, Any]:
+    """Train the run config as the controller stored it (never composed again here) as one
+    rank of `world_size`. Returns {"step", "drained", "fenced", "failed"}: "failed" is None, or
+    failures.failure_report's {"code", "kind", "message", "traceback", "peer"}."""
+    # Ray already narrowed CUDA_VISIBLE_DEVICES to this actor's GPU, so it is device 0.
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK="0",
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR=master[0],
+        MASTER_PORT=str(master[1]),
+    )
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.create(run_config)
+        OmegaConf.set_struct(cfg, True)  # a key the recipe misspells fails, as it would composed
+        recipe = importlib.import_module(cfg.recipe.module)
+        result = recipe.train(cfg, drain=MarkerDrain(cfg.run_dir))
+    except (Exception, SystemExit) as exc:  # SystemExit: a recipe that stops itself with a message
+        return {"step": None, "drained": False, "fenced": False, "failed": failure_report(exc)}
+    # Plain values: the recipe's own result type would make the driver import the recipe
+    # (and torch) just to read it, seconds on every attempt's end.
+    return {
+        "step": result.step,
+        "drained": bool(result.drained),
+        "fenced": bool(getattr(result, "fenced", False)),
+        "failed": None,
+    }
 
 
 @ray.remote(max_restarts=0)
@@ -31,23 +72,5 @@ class RankActor:
 
     def run(
         self, rank: int, world_size: int, master: tuple[str, int], run_config: dict[str, Any]
-    ) -> dict:
-        """Train the run config as the controller stored it; it is never composed again here."""
-        from omegaconf import OmegaConf
-
-        # Ray already narrowed CUDA_VISIBLE_DEVICES to this actor's GPU, so it is device 0.
-        os.environ.update(
-            RANK=str(rank),
-            LOCAL_RANK="0",
-            WORLD_SIZE=str(world_size),
-            MASTER_ADDR=master[0],
-            MASTER_PORT=str(master[1]),
-        )
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        cfg = OmegaConf.create(run_config)
-        OmegaConf.set_struct(cfg, True)  # a key the recipe misspells fails, as it would composed
-        recipe = importlib.import_module(cfg.recipe.module)
-        result = recipe.train(cfg, drain=MarkerDrain(cfg.run_dir))
-        # Plain values: the recipe's own result type would make the driver import the recipe
-        # (and torch) just to read it, seconds on every attempt's end.
-        return {"step": result.step, "drained": result.drained}
+    ) -> dict[str, Any]:
+        return train_rank(rank, world_size, master, run_config)
