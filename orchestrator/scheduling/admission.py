@@ -10,7 +10,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from orchestrator.config.errors import ConfigError
-from orchestrator.config.validate import validate
+from orchestrator.config.validate import validate, validate_sizes
 from orchestrator.fleet.checks import validate_fleet
 from orchestrator.scheduling.policy import infeasible
 from orchestrator.scheduling.types import LEASED, ClusterSnapshot, JobRequest
@@ -58,6 +58,7 @@ def admit(cfg: DictConfig) -> list[int]:
     """The run config's allowed world sizes; ConfigError naming the key unless some cluster of
     its fleet could run it."""
     validate_fleet(cfg.fleet)
+    validate_sizes(cfg)  # a negative batch is named, not reported as "no world size"
     sizes = allowed_world_sizes(cfg)
     if not sizes:
         low = cfg.resources.min_devices or cfg.resources.devices

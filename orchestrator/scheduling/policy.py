@@ -5,8 +5,12 @@ decisions; the controller owns the I/O and can replay any decision in a test.
 
 `place` is greedy over the queue (see `queue_order`) with a private copy of the free-device
 counts: a job takes the first cluster in its preference order that can host its whole gang
-now, earlier jobs consume capacity first, and a later, smaller job may backfill capacity an
-earlier, bigger one could not use (no reservations).
+now, and earlier jobs consume capacity first. A later, smaller job may backfill capacity an
+earlier, bigger one could not use, with one exception that keeps a big job from starving: the
+first job in queue order that waits for devices alone (some cluster it accepts would take it
+if that cluster were empty) holds that cluster's free devices, the first such cluster in its
+preference order, against every job of lower priority behind it. Those may still use other
+clusters, and jobs of its own priority may still backfill.
 
 A job's preference order, over clusters that are reachable, of an accepted device type and,
 if leased, inside their lease window at `now`:
@@ -14,7 +18,8 @@ if leased, inside their lease window at `now`:
   - otherwise owned clusters before leased ones ("ordered spillover"), each group ordered by
     the job's device-type preference, then fleet order.
 
-A cluster in that order takes the job when, in this order of checks:
+A job backing off (`now < not_before`) waits whatever is free. Otherwise a cluster in that
+order takes the job when, in this order of checks:
   1. some allowed world size fits its free devices; the job gets the largest that does;
   2. leased: the lease has at least `min_lease_left_s` left;
   3. `cost_so_far + projected_cost <= budget` (see `_projected_cost`);
@@ -22,6 +27,9 @@ A cluster in that order takes the job when, in this order of checks:
 Walking the order is what makes "owned first": a lease is only reached once every owned
 cluster before it has refused. The spill wait is checked last so that a lease refused by it
 alone is known to be the blocker, and the Wait says so.
+
+A Wait's reason is stable text and its detail the live numbers (see reasons.py); a job that
+can never run (see `infeasible`) gets that permanent reason rather than a momentary one.
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from orchestrator.scheduling import reasons
+from orchestrator.scheduling.reasons import Refusal
 from orchestrator.scheduling.types import (
     LEASED,
     OWNED,
@@ -40,8 +50,6 @@ from orchestrator.scheduling.types import (
     Placement,
     Wait,
 )
-
-_MAX_NAMES_IN_REASON = 8
 
 
 def queue_order(jobs: Iterable[JobRequest]) -> list[JobRequest]:
@@ -63,14 +71,17 @@ def place(
     # Options depend only on a job's two preference lists (reachability and lease windows are
     # fixed for one `now`), and a long queue repeats a few of those.
     options: dict[tuple[tuple[str, ...], tuple[str, ...]], _Options] = {}
+    hold: _Hold | None = None
     decisions: list[Decision] = []
     for job in queue_order(jobs):
         key = (job.clusters, job.device_types)
         if key not in options:
             options[key] = _options(job, fleet, now)
-        decision = _decide(job, fleet, options[key], free, now)
+        decision = _decide(job, fleet, options[key], free, now, hold)
         if isinstance(decision, Placement):
             free[decision.cluster] -= decision.world_size
+        elif decision.holds is not None:
+            hold = _Hold(decision.holds, job.job_id, job.priority)
         decisions.append(decision)
     return decisions
 
@@ -81,30 +92,43 @@ def infeasible(job: JobRequest, fleet: Sequence[ClusterSnapshot]) -> str | None:
     For submission time: ignores free devices, reachability and lease timing, all of which
     change. If this returns a reason, `place` never places the job.
     """
-    return _static_refusal(job, fleet, _accepted(job, fleet))
+    refusal = _static_refusal(job, fleet, _accepted(job, fleet))
+    return None if refusal is None else refusal.text
+
+
+def accepted(job: JobRequest, fleet: Sequence[ClusterSnapshot]) -> list[ClusterSnapshot]:
+    """Clusters the job accepts by name and device type, in its preference order, whatever
+    their state."""
+    return _accepted(job, fleet)
 
 
 @dataclass(frozen=True)
 class _Options:
     accepted: tuple[ClusterSnapshot, ...]  # in preference order, whatever their state
     usable: tuple[ClusterSnapshot, ...]  # the accepted ones that can be used at `now`
-    unusable_reason: str | None  # why the first accepted-but-unusable one is not usable
+    unusable: Refusal | None  # why the first accepted-but-unusable one is not usable
+
+
+@dataclass(frozen=True)
+class _Hold:
+    cluster: str
+    job_id: str
+    priority: int
 
 
 def _options(job: JobRequest, fleet: Sequence[ClusterSnapshot], now: float) -> _Options:
     accepted = _accepted(job, fleet)
-    usable, first_reason = [], None
+    usable, first_refusal = [], None
     for cluster in accepted:
-        reason = _unusable(cluster, now)
-        if reason is None:
+        refusal = _unusable(cluster, now)
+        if refusal is None:
             usable.append(cluster)
-        elif first_reason is None:
-            first_reason = reason
-    return _Options(tuple(accepted), tuple(usable), first_reason)
+        elif first_refusal is None:
+            first_refusal = refusal
+    return _Options(tuple(accepted), tuple(usable), first_refusal)
 
 
 def _accepted(job: JobRequest, fleet: Sequence[ClusterSnapshot]) -> list[ClusterSnapshot]:
-    """Clusters the job accepts by name and device type, in its preference order."""
     if job.clusters:
         by_name = {c.name: c for c in fleet}
         # Unknown names are ignored: a cluster may leave the fleet after the job was submitted.
@@ -120,14 +144,14 @@ def _accepted(job: JobRequest, fleet: Sequence[ClusterSnapshot]) -> list[Cluster
     return sorted(named, key=lambda c: (c.kind != OWNED, rank.get(c.device_type, 0)))
 
 
-def _unusable(cluster: ClusterSnapshot, now: float) -> str | None:
+def _unusable(cluster: ClusterSnapshot, now: float) -> Refusal | None:
     if not cluster.reachable:
-        return f"{cluster.name}: unreachable"
+        return reasons.unreachable(cluster)
     if cluster.kind == LEASED:
         if now < cluster.lease_start:
-            return f"{cluster.name}: lease starts in {_num(cluster.lease_start - now)}s"
+            return reasons.lease_not_started(cluster, now)
         if now >= cluster.lease_end:
-            return f"{cluster.name}: lease ended {_num(now - cluster.lease_end)}s ago"
+            return reasons.lease_over(cluster, now)
     return None
 
 
@@ -137,80 +161,89 @@ def _decide(
     options: _Options,
     free: dict[str, int],
     now: float,
+    hold: _Hold | None,
 ) -> Decision:
+    if now < job.not_before:
+        static = _static_refusal(job, fleet, options.accepted)
+        return _wait(job, static or reasons.backing_off(job, now))
     waited = now - job.waiting_since
-    first_refusal: str | None = None
-    spill_wait: str | None = None  # set when a lease was refused by the spill wait alone
+    first: Refusal | None = None
+    spill: Refusal | None = None  # set when a lease was refused by the spill wait alone
+    smallest = job.world_sizes[0]
     for cluster in options.usable:
         free_now = free[cluster.name]
-        size = _largest_fit(job.world_sizes, free_now)
-        if size is None:
-            if first_refusal is None:  # only the first refusal is reported; skip the rest's text
-                first_refusal = _capacity_refusal(job, cluster, free_now)
+        if hold is not None and hold.cluster == cluster.name and job.priority < hold.priority:
+            first = first or reasons.held(cluster, free_now, hold.job_id, hold.priority)
             continue
-        cost = _projected_cost(job, cluster, size, now)
-        refusal = _lease_refusal(job, cluster, now) or _budget_refusal(job, cluster, cost)
-        if refusal is None:
-            if cluster.kind == OWNED or waited >= job.spill_after_s:
-                return Placement(job.job_id, cluster.name, size, cost)
-            refusal = (
-                f"waiting {_num(waited)}s of placement.spill_after_s="
-                f"{_num(job.spill_after_s)} for owned capacity before using {cluster.name}"
-            )
-            spill_wait = spill_wait or refusal
-        first_refusal = first_refusal or refusal
-    return Wait(job.job_id, _wait_reason(job, fleet, options, first_refusal, spill_wait))
-
-
-def _wait_reason(
-    job: JobRequest,
-    fleet: Sequence[ClusterSnapshot],
-    options: _Options,
-    first_refusal: str | None,
-    spill_wait: str | None,
-) -> str:
-    # A permanent reason beats a momentary one: it tells the user to change the job.
+        if free_now < smallest:  # the common case on a busy fleet, so decided here, inline
+            first = first or reasons.too_few_devices(job, cluster, free_now)
+            continue
+        outcome = _try(job, cluster, free_now, now, waited)
+        if isinstance(outcome, Placement):
+            return outcome
+        if outcome.kind == reasons.SPILL:
+            spill = spill or outcome
+        first = first or outcome
     static = _static_refusal(job, fleet, options.accepted)
-    if static is not None:
-        return static
-    if first_refusal is None:  # no accepted cluster is usable now
-        return options.unusable_reason or "no accepted cluster is usable now"
-    if spill_wait is not None and spill_wait != first_refusal:
+    if static is not None:  # a permanent reason beats a momentary one: change the job
+        return _wait(job, static)
+    holds = None if hold is not None else _first_fit_when_empty(job, options.usable, now, waited)
+    if first is None:  # no accepted cluster is usable now
+        return _wait(job, options.unusable or reasons.NONE_USABLE, holds)
+    if spill is not None and spill is not first:
         # The preferred cluster's refusal alone would hide that a lease is ready and only the
         # spill wait holds the job back.
-        return f"{spill_wait}; {first_refusal}"
-    return first_refusal
+        joined = Refusal(
+            spill.kind, f"{spill.text}; {first.text}", {**first.detail, **spill.detail}
+        )
+        return _wait(job, joined, holds)
+    return _wait(job, first, holds)
+
+
+def _try(
+    job: JobRequest, cluster: ClusterSnapshot, free_now: int, now: float, waited: float
+) -> Placement | Refusal | None:
+    """Whether `cluster` with `free_now` devices free takes `job`: the Placement, else why not;
+    None when no allowed world size fits (the caller describes that, if it reports it)."""
+    size = _largest_fit(job.world_sizes, free_now)
+    if size is None:
+        return None
+    cost = _projected_cost(job, cluster, size, now)
+    refusal = _lease_refusal(job, cluster, now) or _budget_refusal(job, cluster, cost)
+    if refusal is not None:
+        return refusal
+    if cluster.kind == OWNED or waited >= job.spill_after_s:
+        return Placement(job.job_id, cluster.name, size, cost)
+    return reasons.spill_wait(job, cluster, waited)
+
+
+def _first_fit_when_empty(
+    job: JobRequest, usable: Sequence[ClusterSnapshot], now: float, waited: float
+) -> str | None:
+    """The first usable cluster that would take the waiting `job` if all its devices were free:
+    where it waits for devices alone, and so the cluster it holds when first in the queue."""
+    for cluster in usable:
+        taken = _try(job, cluster, cluster.devices_total, now, waited)
+        if isinstance(taken, Placement):
+            return cluster.name
+    return None
+
+
+def _wait(job: JobRequest, refusal: Refusal, holds: str | None = None) -> Wait:
+    return Wait(job.job_id, refusal.text, dict(refusal.detail), holds)
 
 
 def _static_refusal(
     job: JobRequest, fleet: Sequence[ClusterSnapshot], accepted: Sequence[ClusterSnapshot]
-) -> str | None:
+) -> Refusal | None:
     if not accepted:
-        return _why_none_accepted(job, fleet)
-    need = job.world_sizes[0]
+        return reasons.none_accepted(job, fleet)
     largest = max(accepted, key=lambda c: c.devices_total)  # first of the largest, by preference
-    if largest.devices_total < need:
-        return (
-            f"wants {_at_least(job)}{need} devices; the largest accepted cluster "
-            f"({largest.name}) has {largest.devices_total}"
-        )
+    if largest.devices_total < job.world_sizes[0]:
+        return reasons.too_big(job, largest)
     if job.budget is not None and job.cost_so_far > job.budget:
-        return f"cost so far {job.cost_so_far:.2f} already exceeds budget {job.budget:.2f}"
+        return reasons.budget_spent(job)
     return None
-
-
-def _why_none_accepted(job: JobRequest, fleet: Sequence[ClusterSnapshot]) -> str:
-    if not fleet:
-        return "the fleet has no clusters"
-    names = {c.name for c in fleet}
-    if job.clusters and not any(n in names for n in job.clusters):
-        return (
-            "placement.clusters names no cluster of the fleet "
-            f"(fleet: {_names([c.name for c in fleet])})"
-        )
-    named = [c for c in fleet if not job.clusters or c.name in job.clusters]
-    have = _names(list(dict.fromkeys(c.device_type for c in named)))
-    return f"no accepted cluster has device type {' or '.join(job.device_types)} (they have {have})"
 
 
 def _largest_fit(world_sizes: tuple[int, ...], free: int) -> int | None:
@@ -237,48 +270,19 @@ def _projected_cost(
     return world_size * cluster.cost_per_device_hour * hours
 
 
-def _capacity_refusal(job: JobRequest, cluster: ClusterSnapshot, free: int) -> str:
-    return (
-        f"{cluster.name}: {free} of {cluster.devices_total} devices free, "
-        f"needs {_at_least(job)}{job.world_sizes[0]}"
-    )
-
-
-def _lease_refusal(job: JobRequest, cluster: ClusterSnapshot, now: float) -> str | None:
+def _lease_refusal(job: JobRequest, cluster: ClusterSnapshot, now: float) -> Refusal | None:
     if cluster.kind != LEASED:
         return None
     left = cluster.lease_end - now
     if left >= job.min_lease_left_s:
         return None
-    return (
-        f"{cluster.name}: lease ends in {_num(left)}s, "
-        f"placement.min_lease_left_s is {_num(job.min_lease_left_s)}"
-    )
+    return reasons.lease_too_short(job, cluster, left)
 
 
-def _budget_refusal(job: JobRequest, cluster: ClusterSnapshot, cost: float) -> str | None:
+def _budget_refusal(job: JobRequest, cluster: ClusterSnapshot, cost: float) -> Refusal | None:
     if job.budget is None or job.cost_so_far + cost <= job.budget:
         return None
-    return (
-        f"{cluster.name}: projected cost {cost:.2f} exceeds remaining budget "
-        f"{job.budget - job.cost_so_far:.2f}"
-    )
-
-
-def _at_least(job: JobRequest) -> str:
-    return "at least " if len(job.world_sizes) > 1 else ""
-
-
-def _num(x: float) -> str:
-    # Whole seconds read best; keep a decimal where it matters (0.5s is not 1s).
-    return f"{x:.0f}" if float(x).is_integer() else f"{x:.1f}"
-
-
-def _names(names: list[str]) -> str:
-    if len(names) <= _MAX_NAMES_IN_REASON:
-        return ", ".join(names)
-    shown = ", ".join(names[:_MAX_NAMES_IN_REASON])
-    return f"{shown} and {len(names) - _MAX_NAMES_IN_REASON} more"
+    return reasons.over_budget(job, cluster, cost)
 
 
 def _require_unique(what: str, keys: list[str]) -> None:

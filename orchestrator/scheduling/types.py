@@ -7,7 +7,7 @@ where it is made rather than as a wrong decision later.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 OWNED = "owned"
 LEASED = "leased"
@@ -27,6 +27,8 @@ class JobRequest:
     expected_remaining_s: float | None = None  # remaining run time, if known
     spill_after_s: float = 0.0  # wait at least this long for owned capacity before a lease
     min_lease_left_s: float = 0.0  # never place on a lease with less time left than this
+    not_before: float = 0.0  # backing off: no placement before this time (see backoff.py)
+    failures: int = 0  # attempts in a row that could not start; names the back-off in its reason
 
     def __post_init__(self) -> None:
         # Callers build these from config lists; tuples keep the value hashable and frozen.
@@ -38,6 +40,8 @@ class JobRequest:
                 f"job {self.job_id}: world_sizes must be positive and strictly ascending, "
                 f"got {sizes}"
             )
+        if self.failures < 0:
+            raise ValueError(f"job {self.job_id}: failures must be >= 0, got {self.failures}")
 
 
 @dataclass(frozen=True)
@@ -78,10 +82,20 @@ class Placement:
     projected_cost: float  # currency units, by the rule in policy.place
 
 
+Detail = dict[str, float | int | str]
+
+
 @dataclass(frozen=True)
 class Wait:
     job_id: str
-    reason: str  # one human-readable line naming the blocking fact
+    # One human-readable line naming the blocking fact. It holds no number that moves while the
+    # fact holds (free devices, seconds left, cost): the same blocker gives the same text tick
+    # after tick, so a change of text is an event worth recording.
+    reason: str
+    detail: Detail = field(default_factory=dict)  # the live numbers behind `reason`
+    # The cluster whose free devices this job, first in the queue to wait for devices alone,
+    # holds against jobs of lower priority (see policy.place); None for every other Wait.
+    holds: str | None = None
 
 
 Decision = Placement | Wait

@@ -82,9 +82,10 @@ def test_spill_after_s_holds_the_job_until_it_has_waited_long_enough():
     early = decide(job(waiting_since=NOW - 30, spill_after_s=60), fleet)
     assert isinstance(early, Wait)
     assert early.reason == (
-        "waiting 30s of placement.spill_after_s=60 for owned capacity before using partner; "
-        "home: 0 of 2 devices free, needs 2"
+        "waiting placement.spill_after_s=60 for owned capacity before using partner; "
+        "home: fewer than 2 devices free (of 2)"
     )
+    assert early.detail == {"waited_s": 30.0, "devices_free": 0}
     late = decide(job(waiting_since=NOW - 60, spill_after_s=60), fleet)
     assert isinstance(late, Placement) and late.cluster == "partner"
 
@@ -92,7 +93,9 @@ def test_spill_after_s_holds_the_job_until_it_has_waited_long_enough():
 def test_spill_wait_applies_to_a_lease_with_no_owned_cluster_before_it():
     d = decide(job(clusters=("partner",), waiting_since=NOW - 0.5, spill_after_s=60), [partner()])
     assert d == Wait(
-        "j", "waiting 0.5s of placement.spill_after_s=60 for owned capacity before using partner"
+        "j",
+        "waiting placement.spill_after_s=60 for owned capacity before using partner",
+        {"waited_s": 0.5},
     )
 
 
@@ -103,7 +106,11 @@ def test_spill_wait_does_not_hold_a_job_that_owned_capacity_can_take():
 def test_min_lease_left_s_refuses_a_lease_that_ends_too_soon():
     fleet = [partner(lease_end=NOW + 120)]
     refused = decide(job(min_lease_left_s=600), fleet)
-    assert refused == Wait("j", "partner: lease ends in 120s, placement.min_lease_left_s is 600")
+    assert refused == Wait(
+        "j",
+        "partner: lease ends sooner than placement.min_lease_left_s=600",
+        {"lease_left_s": 120.0},
+    )
     assert decide(job(min_lease_left_s=120), fleet).cluster == "partner"
 
 
@@ -114,7 +121,11 @@ def test_budget_refuses_an_expensive_lease_and_a_cheaper_one_is_chosen():
     # pricey: 2 devices * 10/h * 0.5 h = 10 > 4 left; cheap: 2 * 1 * 0.5 = 1.
     assert decide(j, [home(devices_free=0), pricey, cheap]) == Placement("j", "cheap", 2, 1.0)
     alone = decide(j, [pricey])
-    assert alone == Wait("j", "pricey: projected cost 10.00 exceeds remaining budget 4.00")
+    assert alone == Wait(
+        "j",
+        "pricey: projected cost exceeds what is left of placement.budget=5.00",
+        {"projected_cost": 10.0, "budget_left": 4.0},
+    )
 
 
 def test_cost_is_capped_at_the_lease_end_and_uses_expected_remaining_when_shorter():
@@ -127,7 +138,11 @@ def test_cost_is_capped_at_the_lease_end_and_uses_expected_remaining_when_shorte
 def test_owned_clusters_are_budget_checked_too():
     paid = home(cost_per_device_hour=3.0)
     j = job(budget=5.0, expected_remaining_s=HOUR)
-    assert decide(j, [paid]) == Wait("j", "home: projected cost 6.00 exceeds remaining budget 5.00")
+    assert decide(j, [paid]) == Wait(
+        "j",
+        "home: projected cost exceeds what is left of placement.budget=5.00",
+        {"projected_cost": 6.0, "budget_left": 5.0},
+    )
     # With no known remaining time an owned cluster's cost counts as zero.
     assert decide(job(budget=5.0), [paid]) == Placement("j", "home", 2, 0.0)
 
@@ -151,7 +166,7 @@ def test_explicit_order_still_applies_every_lease_rule():
 def test_explicit_order_ignores_unknown_names_and_excludes_unlisted_clusters():
     fleet = [home(devices_free=0), partner()]
     d = decide(job(clusters=("gone", "home")), fleet)
-    assert d == Wait("j", "home: 0 of 2 devices free, needs 2")
+    assert d == Wait("j", "home: fewer than 2 devices free (of 2)", {"devices_free": 0}, "home")
 
 
 # ---- gang and world size -------------------------------------------------------------------
@@ -164,18 +179,21 @@ def test_world_size_is_the_largest_allowed_size_that_fits():
 
 def test_gang_is_never_split_across_clusters():
     fleet = [home(devices_free=2), partner(devices_free=2)]
-    assert decide(job(world_sizes=(4,)), fleet) == Wait("j", "home: 2 of 2 devices free, needs 4")
+    # Home can never take 4; the partner could when empty, so the job holds the partner.
+    assert decide(job(world_sizes=(4,)), fleet) == Wait(
+        "j", "home: fewer than 4 devices free (of 2)", {"devices_free": 2}, holds="partner"
+    )
 
 
-def test_earlier_jobs_consume_capacity_and_later_small_jobs_backfill():
+def test_earlier_jobs_consume_capacity_and_later_small_jobs_of_equal_priority_backfill():
     fleet = [home(devices_total=4, devices_free=3)]
     jobs = [
-        job("big", (4,), priority=2),
-        job("mid", (2,), priority=1),
-        job("small", (1, 2), priority=0),
+        job("big", (4,), submitted_at=1),
+        job("mid", (2,), submitted_at=2),
+        job("small", (1, 2), submitted_at=3),
     ]
     big, mid, small = place(jobs, fleet, NOW)
-    assert isinstance(big, Wait) and big.reason == "home: 3 of 4 devices free, needs 4"
+    assert big == Wait("big", "home: fewer than 4 devices free (of 4)", {"devices_free": 3}, "home")
     assert mid == Placement("mid", "home", 2, 0.0)
     assert small == Placement("small", "home", 1, 0.0)
 
@@ -212,16 +230,22 @@ def test_equal_priority_is_first_come_first_served():
 
 def test_unreachable_cluster_is_skipped():
     assert decide(job(), [home(reachable=False), partner()]).cluster == "partner"
-    assert decide(job(), [home(reachable=False)]) == Wait("j", "home: unreachable")
+    assert decide(job(), [home(reachable=False)]) == Wait("j", "home: unreachable", {})
 
 
 def test_lease_that_has_not_started_or_has_ended_is_skipped():
     not_yet = partner(lease_start=NOW + 300, lease_end=NOW + 2 * HOUR)
-    assert decide(job(), [not_yet]) == Wait("j", "partner: lease starts in 300s")
+    assert decide(job(), [not_yet]) == Wait(
+        "j", "partner: lease has not started", {"lease_starts_in_s": 300.0}
+    )
     over = partner(lease_start=NOW - 2 * HOUR, lease_end=NOW - 20)
-    assert decide(job(), [over]) == Wait("j", "partner: lease ended 20s ago")
+    assert decide(job(), [over]) == Wait(
+        "j", "partner: lease has ended", {"lease_ended_s_ago": 20.0}
+    )
     # The window is [lease_start, lease_end): a lease ending right now is over.
-    assert decide(job(), [partner(lease_end=NOW)]) == Wait("j", "partner: lease ended 0s ago")
+    assert decide(job(), [partner(lease_end=NOW)]) == Wait(
+        "j", "partner: lease has ended", {"lease_ended_s_ago": 0.0}
+    )
     assert decide(job(), [partner(lease_start=NOW)]).cluster == "partner"
 
 
@@ -261,7 +285,7 @@ def test_infeasible_explains_what_can_never_fit():
         "placement.clusters names no cluster of the fleet (fleet: home, partner)"
     )
     assert infeasible(job(budget=5.0, cost_so_far=6.0), fleet) == (
-        "cost so far 6.00 already exceeds budget 5.00"
+        "cost so far already exceeds placement.budget=5.00"
     )
     assert infeasible(job(), []) == "the fleet has no clusters"
 

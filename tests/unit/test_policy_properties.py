@@ -42,6 +42,8 @@ _lease_left = st.sampled_from([-60.0, 0.0, 1.0, 59.0, 60.0, 600.0, 3599.0, 3600.
 _waited = st.sampled_from([0.0, 29.5, 30.0, 60.0, 299.0, 300.0, 900.0])
 _budgets = st.sampled_from([None, None, None, 0.0, 1.0, 5.0, 20.0, 100.0, 1000.0])
 _remaining = st.sampled_from([None, 0.0, 60.0, 1800.0, 3600.0, 7200.0, 30_000.0])
+# Mostly not backing off; otherwise on and around `now` (a back-off ending now is over).
+_not_before = st.sampled_from([0.0, 0.0, 0.0, 0.0, NOW - 1, NOW, NOW + 0.5, NOW + 60])
 
 
 @st.composite
@@ -86,6 +88,8 @@ def jobs(draw: st.DrawFn, job_id: str) -> JobRequest:
         expected_remaining_s=draw(_remaining),
         spill_after_s=draw(st.sampled_from([0.0, 30.0, 60.0, 300.0])),
         min_lease_left_s=draw(st.sampled_from([0.0, 60.0, 600.0, 3600.0])),
+        not_before=draw(_not_before),
+        failures=draw(st.integers(0, 4)),
     )
 
 
@@ -95,13 +99,22 @@ queues = st.integers(1, 15).flatmap(lambda n: st.tuples(*(jobs(f"j{i:02d}") for 
 def replay(
     queue: tuple[JobRequest, ...], fleet: tuple[ClusterSnapshot, ...]
 ) -> Iterator[tuple[JobRequest, Placement | Wait, dict[str, int]]]:
-    """Each job with its decision and the free devices left for it by the jobs before it."""
+    """Each job with its decision and the free devices left for it by the jobs before it: what
+    they took, and a cluster the head of the queue holds counts as full for lower priorities
+    (which job holds, and where, is checked on its own below)."""
     by_id = {j.job_id: j for j in queue}
     free = {c.name: c.devices_free for c in fleet}
+    held: tuple[str, int] | None = None  # (cluster, the holder's priority)
     for decision in place(queue, fleet, NOW):
-        yield by_id[decision.job_id], decision, dict(free)
+        job = by_id[decision.job_id]
+        left = dict(free)
+        if held is not None and job.priority < held[1]:
+            left[held[0]] = 0
+        yield job, decision, left
         if isinstance(decision, Placement):
             free[decision.cluster] -= decision.world_size
+        elif decision.holds is not None:
+            held = (decision.holds, job.priority)
 
 
 def accepts(job: JobRequest, cluster: ClusterSnapshot) -> bool:
@@ -127,7 +140,7 @@ def within_budget(job: JobRequest, cost: float) -> bool:
 def could_take(job: JobRequest, c: ClusterSnapshot, free: int) -> bool:
     """Every placement rule, restated: could `c` take `job` now with `free` devices left?"""
     fitting = [w for w in job.world_sizes if w <= free]
-    if not (fitting and c.reachable and accepts(job, c)):
+    if not (fitting and c.reachable and accepts(job, c) and NOW >= job.not_before):
         return False
     if c.kind == LEASED and not (
         c.lease_start <= NOW < c.lease_end
@@ -157,10 +170,13 @@ def test_each_job_gets_one_decision_and_a_placement_is_a_whole_gang_that_fits(qu
         assert isinstance(d, (Placement, Wait))
         reason = infeasible(job, fleet)
         if reason is not None:
-            assert d == Wait(job.job_id, reason), "a job reported infeasible was placed"
+            assert isinstance(d, Wait), "a job reported infeasible was placed"
+            assert d.reason == reason
         if isinstance(d, Wait):
             assert d.reason and "\n" not in d.reason
+            assert all(isinstance(v, (int, float, str)) for v in d.detail.values())
             continue
+        assert NOW >= job.not_before, "placed while backing off"
         cluster = by_name[d.cluster]  # exactly one cluster: a Placement cannot name two
         assert cluster.reachable, "placed on an unreachable cluster"
         assert accepts(job, cluster), "placed on a cluster the job does not accept"
@@ -212,3 +228,31 @@ def test_place_is_deterministic_and_ignores_the_order_of_the_input_list(queue, f
     first = place(queue, fleet, NOW)
     assert place(queue, fleet, NOW) == first
     assert place(list(shuffled), fleet, NOW) == first
+
+
+@PROPERTY
+@given(queues, fleets)
+def test_the_first_job_waiting_for_devices_alone_holds_its_cluster_against_lower_priorities(
+    queue, fleet
+):
+    by_name = {c.name: c for c in fleet}
+    free = {c.name: c.devices_free for c in fleet}
+    holder: tuple[JobRequest, str] | None = None
+    for d in place(queue, fleet, NOW):
+        job = next(j for j in queue if j.job_id == d.job_id)
+        if isinstance(d, Placement):
+            if holder is not None and job.priority < holder[0].priority:
+                assert d.cluster != holder[1], "a lower priority took the held cluster"
+            free[d.cluster] -= d.world_size
+            continue
+        # Re-derived: would some cluster take it if that cluster were empty?
+        empty_fits = [c for c in fleet if could_take(job, c, c.devices_total)]
+        if holder is not None or not empty_fits:
+            assert d.holds is None, "a second job holds, or one that waits for more than devices"
+            continue
+        assert d.holds in {c.name for c in empty_fits}, "holds a cluster it could not use"
+        held = by_name[d.holds]
+        assert not could_take(job, held, free[held.name]), "holds a cluster that takes it now"
+        if not job.clusters and any(c.kind == OWNED for c in empty_fits):
+            assert held.kind == OWNED, "holds a lease before an owned cluster it prefers"
+        holder = (job, d.holds)
