@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+from typing import NoReturn
 
 from orchestrator.commands import fleet as fleet_cmds
 from orchestrator.commands import jobs as job_cmds
@@ -15,8 +16,15 @@ from orchestrator.config import ConfigError
 from orchestrator.config.compose import CONFIG_DIR_ENV, user_config_dir
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's refusal is a usage block and a line; Spillway's is one line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="spillway",
         description="Train on the GPUs you own, spill onto leased clusters, resume anywhere.",
     )
@@ -26,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="your own config groups beside Spillway's (DIR/fleet/mine.yaml gives fleet=mine); "
         f"sets ${CONFIG_DIR_ENV}",
     )
+    # Subparsers are made by the parser's class: they refuse in one line too.
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser(
         "run",

@@ -58,8 +58,8 @@ class Running:
 
     def client_home(self, path: Path, **fields) -> Path:
         """A SPILLWAY_HOME holding only client.json (and a copy of the token beside it)."""
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "token").write_text(self.token)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        new_token_file(path / "token").write_text(self.token)  # 0600, as a user would keep it
         data = {"url": self.url, "token_path": str(path / "token"), **fields}
         (path / "client.json").write_text(json.dumps(data))
         return path

@@ -7,6 +7,7 @@ import json
 import time
 
 from orchestrator.config import compose_run
+from orchestrator.config.compose import ensure_state_dir
 from orchestrator.console import duration, table
 
 
@@ -24,6 +25,7 @@ def cmd_fleet_up(args: argparse.Namespace) -> int:
     from orchestrator.fleet import fleet
 
     cfg = fleet_config(args.overrides)
+    ensure_state_dir(cfg.state_dir)
     outcome = fleet.up(cfg.fleet, cfg.state_dir)
     # Where later commands find the local fleet's controller (which `launch` starts).
     record_local_fleet(cfg.state_dir, cfg.fleet)

@@ -22,6 +22,7 @@ from orchestrator.api import discovery
 from orchestrator.api.client import ApiClient, ApiError, Rejected, Unreachable
 from orchestrator.commands.common import Refused
 from orchestrator.config import ConfigError, compose_run, spillway_home
+from orchestrator.config.compose import ensure_state_dir
 from orchestrator.console import duration, table
 from orchestrator.scheduling.admission import admit
 from orchestrator.scheduling.job_states import TERMINAL, JobState
@@ -113,6 +114,7 @@ def connect_for_launch(cfg: DictConfig) -> ApiClient:
     """The controller a launch goes to: found as discovery says; for the local fleet (and a
     remote home this CLI can reach the head of) started when it does not answer."""
     home = cfg.state_dir
+    ensure_state_dir(home)  # before anything below writes the first file into it
     endpoint = discovery.find(home, cfg.fleet)
     fleet_cfg = OmegaConf.to_container(cfg.fleet)
     local = None

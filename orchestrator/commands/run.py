@@ -6,14 +6,14 @@ import argparse
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from orchestrator.config import compose_run, pick_device_type, validate
+from orchestrator.config.compose import ensure_state_dir
 
 
 def local_env(state_dir: str, nproc: int) -> dict[str, str]:
     """The environment of ranks started on this machine: temp files stay under the state dir."""
-    tmp = Path(state_dir) / "tmp"
+    tmp = ensure_state_dir(state_dir) / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, SPILLWAY_HOME=state_dir, TMPDIR=str(tmp))
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))

@@ -174,6 +174,14 @@ class FleetConfig:
     clusters: dict[str, ClusterConfig] = field(default_factory=dict)
     # A cluster whose dashboard has not answered for this long is lost: its jobs recover elsewhere.
     lost_after_s: float = 10.0
+    # One that refuses connections (nothing listens: its head is gone) is lost sooner.
+    refused_lost_after_s: float = 5.0
+    # An attempt not confirmed by its cluster (submitted, or pending there) by then is lost.
+    submit_deadline_s: float = 300.0
+    # A checkpoint copy still running after this long is given up (the job recovers).
+    copy_deadline_s: float = 3600.0
+    # Events of finished jobs are kept this long.
+    events_retention_s: float = 30 * 86400.0
 
 
 @dataclass

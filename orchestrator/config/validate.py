@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -28,9 +29,34 @@ def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(key, f"'{value}' is not allowed (allowed: {', '.join(allowed)})")
 
 
+def _finite(key: str, value: float) -> None:
+    # nan compares false with every bound, and inf passes every lower one.
+    if not math.isfinite(value):
+        raise ConfigError(key, f"must be a finite number, got {value}")
+
+
 def _at_least(key: str, value: float, low: float) -> None:
+    _finite(key, value)
     if value < low:
         raise ConfigError(key, f"must be >= {low}, got {value}")
+
+
+def _above(key: str, value: float, low: float) -> None:
+    _finite(key, value)
+    if value <= low:
+        raise ConfigError(key, f"must be > {low}, got {value}")
+
+
+def validate_sizes(cfg: DictConfig) -> None:
+    """The numbers the world sizes are worked out from (admission's allowed_world_sizes):
+    checked before that, so that a bad one is named rather than reported as no world size."""
+    r = cfg.resources
+    _at_least("trainer.global_batch_size", cfg.trainer.global_batch_size, 1)
+    _at_least("resources.devices", r.devices, 1)
+    if r.min_devices is not None and not 1 <= r.min_devices <= r.devices:
+        raise ConfigError(
+            "resources.min_devices", f"must be null or in 1..{r.devices}, got {r.min_devices}"
+        )
 
 
 def validate(cfg: DictConfig, world_size: int, device_type: str | None = None) -> None:
@@ -41,7 +67,7 @@ def validate(cfg: DictConfig, world_size: int, device_type: str | None = None) -
         raise ConfigError(
             "trainer.stop_at_step", f"must be null or in 1..{t.max_steps}, got {t.stop_at_step}"
         )
-    _at_least("trainer.global_batch_size", t.global_batch_size, 1)
+    validate_sizes(cfg)
     _at_least("trainer.micro_batch_size", t.micro_batch_size, 1)
     _at_least("trainer.log_every", t.log_every, 1)
     _at_least("trainer.collective_timeout_s", t.collective_timeout_s, 1)
@@ -91,15 +117,24 @@ def validate(cfg: DictConfig, world_size: int, device_type: str | None = None) -
         raise ConfigError(
             "model.n_kv_heads", f"must divide model.n_heads={m.n_heads}, got {m.n_kv_heads}"
         )
+    _finite("model.dropout", m.dropout)
+    _above("model.norm_eps", m.norm_eps, 0.0)
+    _above("model.rope_theta", m.rope_theta, 0.0)
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError("model.dropout", f"must be in [0, 1), got {m.dropout}")
     if device_type == "cpu" and m.name in GPU_ONLY_MODELS:
         raise ConfigError("model", f"'{m.name}' needs a GPU (allowed on CPU: tiny, small)")
 
     _choice("optim.name", o.name, ("adamw",))
-    if o.lr <= 0:
-        raise ConfigError("optim.lr", f"must be > 0, got {o.lr}")
+    _above("optim.lr", o.lr, 0.0)
     _at_least("optim.warmup_steps", o.warmup_steps, 0)
+    for key in ("beta1", "beta2"):
+        _finite(f"optim.{key}", o[key])
+        if not 0.0 <= o[key] < 1.0:
+            raise ConfigError(f"optim.{key}", f"must be in [0, 1), got {o[key]}")
+    _above("optim.eps", o.eps, 0.0)
+    _at_least("optim.weight_decay", o.weight_decay, 0.0)
+    _finite("optim.min_lr_ratio", o.min_lr_ratio)
     if not 0.0 <= o.min_lr_ratio <= 1.0:
         raise ConfigError("optim.min_lr_ratio", f"must be in [0, 1], got {o.min_lr_ratio}")
     _at_least("optim.grad_clip", o.grad_clip, 0.0)
@@ -118,8 +153,11 @@ def validate(cfg: DictConfig, world_size: int, device_type: str | None = None) -
                 )
     pl = cfg.placement
     _at_least("placement.lease_drain_margin_s", pl.lease_drain_margin_s, 0.0)
-    if pl.drain_timeout_s <= 0:
-        raise ConfigError("placement.drain_timeout_s", f"must be > 0, got {pl.drain_timeout_s}")
+    _above("placement.drain_timeout_s", pl.drain_timeout_s, 0.0)
+    _at_least("placement.spill_after_s", pl.spill_after_s, 0.0)
+    _at_least("placement.min_lease_left_s", pl.min_lease_left_s, 0.0)
+    if pl.budget is not None:
+        _at_least("placement.budget", pl.budget, 0.0)
     _choice("placement.recovery", pl.recovery, RECOVERY_STRATEGIES)
     _at_least("placement.max_restarts", pl.max_restarts, 0)
     for code in pl.user_error_exit_codes:
@@ -129,11 +167,13 @@ def validate(cfg: DictConfig, world_size: int, device_type: str | None = None) -
                 "placement.user_error_exit_codes",
                 f"{code} is not allowed: codes are 1..255 except {reserved}",
             )
-    if pl.copy_limit_mb_s is not None and pl.copy_limit_mb_s <= 0:
+    if pl.copy_limit_mb_s is not None and not (
+        math.isfinite(pl.copy_limit_mb_s) and pl.copy_limit_mb_s > 0
+    ):
         raise ConfigError(
             "placement.copy_limit_mb_s", f"must be > 0 or null, got {pl.copy_limit_mb_s}"
         )
-    if cfg.fleet.lost_after_s <= 0:
-        raise ConfigError("fleet.lost_after_s", f"must be > 0, got {cfg.fleet.lost_after_s}")
+    # The fleet (fleet.*) is checked by orchestrator.fleet.checks.validate_fleet, which the
+    # CLI and the controller both run: a recipe on a rank has no use for it.
     _choice("logger.kind", cfg.logger.kind, ("none", "wandb"))
     _choice("logger.mode", cfg.logger.mode, ("offline", "online", "disabled"))

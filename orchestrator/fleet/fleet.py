@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from orchestrator.fleet.environment import base_env, controller_cluster, controller_env, s3_env
 from orchestrator.fleet.isolation import isolation_decision, mount_plan
-from orchestrator.fleet.leases import resolve_time
+from orchestrator.fleet.leases import lease_window
 from orchestrator.fleet.local import (
     LocalCluster,
     free_ports,
@@ -112,10 +112,7 @@ def resolve(fleet: DictConfig, state_dir: str) -> list[ClusterView]:
     server = S3Server.load(record_path(fdir))
     views = []
     for name, c in fleet.clusters.items():
-        lease_start, lease_end = (
-            resolve_time(c.lease_start, anchor),
-            resolve_time(c.lease_end, anchor),
-        )
+        lease_start, lease_end = lease_window(c.lease_start, c.lease_end, anchor)
         address, dashboard, token, running = (
             c.address,
             c.dashboard_url,
@@ -268,8 +265,7 @@ def up(
             stop_local_cluster(rec)  # half a cluster is not recorded as started
             raise
         # A cluster started later than the others still counts its lease from the fleet's start.
-        rec.lease_start = resolve_time(c.lease_start, anchor)
-        rec.lease_end = resolve_time(c.lease_end, anchor)
+        rec.lease_start, rec.lease_end = lease_window(c.lease_start, c.lease_end, anchor)
         rec.save(fdir / f"{name}.json")
         return rec
 

@@ -26,3 +26,20 @@ def resolve_time(spec: str | None, anchor: float) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return when.timestamp()
+
+
+def is_offset(spec: str) -> bool:
+    """spec counts from `fleet up` (+30m) rather than naming an absolute time."""
+    return bool(_OFFSET.match(str(spec).strip()))
+
+
+def lease_window(
+    lease_start: str | None, lease_end: str | None, anchor: float
+) -> tuple[float | None, float | None]:
+    """A lease's (start, end) in epoch seconds. A local cluster's lease that names no start
+    starts when the fleet came up (anchor); validate_fleet refuses a missing start elsewhere."""
+    end = resolve_time(lease_end, anchor)
+    start = resolve_time(lease_start, anchor)
+    if start is None and end is not None:
+        start = anchor
+    return start, end

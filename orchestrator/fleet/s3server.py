@@ -66,6 +66,7 @@ def new_credentials_file(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = {"key": "SW" + secrets.token_hex(9).upper(), "secret": secrets.token_urlsafe(30)}
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_TRUNC
     with os.fdopen(fd, "w") as f:
         json.dump(keys, f)
     return path

@@ -11,6 +11,7 @@ def new_token_file(path: Path) -> Path:
     """Write a fresh random token readable only by its owner."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its old mode through O_TRUNC
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
     return path

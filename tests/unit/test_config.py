@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from orchestrator.config import ConfigError, compose_run, validate
-from orchestrator.config.compose import CONF_DIR
+from orchestrator.config.compose import CONF_DIR, CONFIG_DIR_ENV, ensure_state_dir
 from orchestrator.config.schema import GROUPS
 
 
@@ -86,7 +88,19 @@ def test_composition_errors_name_the_key(overrides, key, words):
         (["placement.user_error_exit_codes=[1,75]"], 1, "placement.user_error_exit_codes"),
         (["placement.user_error_exit_codes=[0]"], 1, "placement.user_error_exit_codes"),
         (["placement.copy_limit_mb_s=-2"], 1, "placement.copy_limit_mb_s"),
-        (["fleet.lost_after_s=0"], 1, "fleet.lost_after_s"),
+        (["placement.copy_limit_mb_s=inf"], 1, "placement.copy_limit_mb_s"),
+        # nan compares false with every bound: each number must be finite first.
+        (["optim.lr=nan"], 1, "optim.lr"),
+        (["optim.grad_clip=inf"], 1, "optim.grad_clip"),
+        (["model.dropout=nan"], 1, "model.dropout"),
+        (["optim.beta2=1.0"], 1, "optim.beta2"),
+        (["optim.eps=0"], 1, "optim.eps"),
+        (["placement.spill_after_s=-1"], 1, "placement.spill_after_s"),
+        (["placement.min_lease_left_s=-5"], 1, "placement.min_lease_left_s"),
+        (["placement.budget=-0.5"], 1, "placement.budget"),
+        (["placement.budget=nan"], 1, "placement.budget"),
+        (["resources.min_devices=0"], 1, "resources.min_devices"),
+        (["resources.min_devices=3"], 1, "resources.min_devices"),
     ],
 )
 def test_validation_names_the_key_and_what_is_allowed(overrides, world, key):
@@ -94,6 +108,41 @@ def test_validation_names_the_key_and_what_is_allowed(overrides, world, key):
     with pytest.raises(ConfigError) as err:
         validate(cfg, world_size=world, device_type="cpu")
     assert err.value.key == key
+
+
+def test_the_fleet_is_not_validate_s_business():
+    # fleet.* is validate_fleet's (tests/unit/test_fleet_config.py): one check, CLI and
+    # controller alike; a rank's validate() does not look at it.
+    validate(compose_run(["fleet.lost_after_s=0"]), world_size=1, device_type="cpu")
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("name: mine\nclusters: [\n", "line 3, column 1: not valid YAML"),
+        ("name: mine\nclusters:\n  home:\n    devices: many\n", "could not be converted"),
+        ("name: mine\nclusters:\n  home:\n    gpus: 4\n", "no such key (allowed: kind, local"),
+    ],
+)
+def test_a_broken_group_file_is_one_line_naming_the_key(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, words: str
+):
+    (tmp_path / "fleet").mkdir()
+    (tmp_path / "fleet" / "mine.yaml").write_text(text)
+    monkeypatch.setenv(CONFIG_DIR_ENV, str(tmp_path))
+    with pytest.raises(ConfigError) as err:
+        compose_run(["fleet=mine"])
+    assert err.value.key in ("fleet", "fleet.clusters.home.devices", "fleet.clusters.home.gpus")
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_state_dir_is_made_for_its_owner_only(tmp_path: Path):
+    made = ensure_state_dir(str(tmp_path / "a" / "home"))
+    assert made.is_dir() and stat.S_IMODE(made.stat().st_mode) == 0o700
+    (tmp_path / "theirs").mkdir(mode=0o755)
+    os.chmod(tmp_path / "theirs", 0o755)
+    ensure_state_dir(str(tmp_path / "theirs"))
+    assert stat.S_IMODE((tmp_path / "theirs").stat().st_mode) == 0o755, "left as it was"
 
 
 def test_global_batch_divides_any_world_size_it_is_a_multiple_of():

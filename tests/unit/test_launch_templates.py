@@ -432,7 +432,8 @@ def test_every_sbatch_directive_is_a_real_long_option_read_before_the_first_comm
 NODES = ["gpu-01", "gpu-02", "gpu-03", "gpu-04"]
 SLURM_STUBS = {
     "scontrol": 'printf "%s\\n" ' + " ".join(NODES) + "\n",
-    "squeue": "echo 2026-12-08T15:00:00\n",
+    # %S is the allocation's start, %e its end.
+    "squeue": 'case "$*" in *%S*) echo 2026-12-08T07:00:00;; *) echo 2026-12-08T15:00:00;; esac\n',
     "hostname": "echo 10.1.0.1\n",
     # A step runs here, on "the node" -w names, with the job's environment (--export=ALL).
     "srun": """\
@@ -509,13 +510,14 @@ def test_sbatch_script_prints_a_cluster_the_fleet_file_accepts(work_dir):
     assert done.returncode == 0, done.stderr
     block = done.stdout.split("In the fleet file:\n", 1)[1]
     clusters = yaml.safe_load(block)
-    fleet = OmegaConf.merge(OmegaConf.structured(FleetConfig), {"clusters": clusters})
+    home = {"home": {"kind": "owned", "local": True, "storage_root": "/srv/spillway"}}
+    fleet = OmegaConf.merge(OmegaConf.structured(FleetConfig), {"clusters": {**home, **clusters}})
     validate_fleet(fleet)
     slurm = fleet.clusters.slurm
     assert slurm.devices == len(NODES) * 8
     assert slurm.dashboard_url == "http://10.1.0.1:8265"
     assert slurm.storage_root.startswith("s3://")
-    assert slurm.lease_end == "2026-12-08T15:00:00Z"
+    assert (slurm.lease_start, slurm.lease_end) == ("2026-12-08T07:00:00Z", "2026-12-08T15:00:00Z")
 
 
 def test_sbatch_script_refuses_a_venv_without_spillway(work_dir):
