@@ -153,6 +153,17 @@ class RunDir:
                 continue
         return records
 
+    def first_metrics(self) -> dict[str, Any] | None:
+        """The oldest record, from the oldest segment that has one."""
+        for path in self.segments():
+            try:
+                lines = parse_lines(self.fs.cat_file(path).decode("utf-8", errors="replace"))
+            except FileNotFoundError:
+                continue
+            if lines:
+                return lines[0]
+        return None
+
     def last_metrics(self) -> dict[str, Any] | None:
         """The newest record, from the newest segment that has one: cheap on long runs."""
         for path in reversed(self.segments()):

@@ -22,12 +22,14 @@ import os
 import threading
 import time
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from orchestrator.api.protocol import FLEET_ENV
 from orchestrator.api.server import ApiServer
 from orchestrator.config import spillway_home
+from orchestrator.config.compose import ensure_state_dir
 from orchestrator.controller.controller import Controller
+from orchestrator.fleet.checks import controller_fleet
 from orchestrator.fleet.tokens import read_token
 
 NAMESPACE = "spillway"
@@ -62,8 +64,11 @@ def api_address(fleet: DictConfig) -> tuple[str, int, str]:
 class ControllerActor:
     def __init__(self, state_dir: str, fleet_cfg: dict, poll_s: float = POLL_S) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-        fleet = OmegaConf.create(fleet_cfg)
+        # The same check the CLI makes, and the sources only this machine can read: a fleet
+        # the CLI would refuse never starts a loop that would trip on it every tick.
+        fleet = controller_fleet(fleet_cfg)
         host, port, token = api_address(fleet)
+        ensure_state_dir(state_dir)
         self.controller = Controller(state_dir, fleet)
         self.name = actor_name(fleet.name)
         self.poll_s = poll_s
@@ -82,6 +87,9 @@ class ControllerActor:
         self.api.start()  # a port we cannot take fails the actor here, before any reconcile
         self._thread = threading.Thread(target=self._loop, name="reconcile", daemon=True)
         self._thread.start()
+        # Apart from the loop: a tick stuck on a cluster must not make the controller look dead.
+        self._beat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        self._beat.start()
         log.info(
             "controller %s up (pid %d), state in %s, API on %s",
             self.name,
@@ -94,13 +102,21 @@ class ControllerActor:
         while not self._stopping.is_set():
             # Cleared before the tick: a request that lands during it gets another tick at once.
             self._wake.clear()
-            now = time.time()
             try:
-                self.controller.reconcile(now)
-                self.controller.state.heartbeat(self.name, os.getpid(), self.started_at, now)
+                self.controller.reconcile(time.time())
             except Exception:
                 log.exception("reconcile failed; retrying")
             self._wake.wait(self.poll_s)
+
+    def _heartbeat(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self.controller.state.heartbeat(
+                    self.name, os.getpid(), self.started_at, time.time()
+                )
+            except Exception:
+                log.exception("heartbeat failed; retrying")
+            self._stopping.wait(self.poll_s)
 
     def info(self) -> dict:
         return {"pid": os.getpid(), "started_at": self.started_at, "url": self.api.url}
@@ -110,7 +126,9 @@ class ControllerActor:
         self._stopping.set()
         self._wake.set()
         self._thread.join(timeout=30)
+        self._beat.join(timeout=5)
         self.api.stop()
+        self.controller.close()
 
 
 def bootstrap() -> None:

@@ -14,8 +14,20 @@ from typing import Protocol
 from orchestrator.runtime.spec import AttemptSpec
 
 # Statuses as the Ray Jobs API names them; TERMINAL ones never change again.
-PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED = "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "STOPPED"
+PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED = (
+    "PENDING",
+    "RUNNING",
+    "SUCCEEDED",
+    "FAILED",
+    "STOPPED",
+)
 TERMINAL = frozenset({SUCCEEDED, FAILED, STOPPED})
+
+
+def submission_id(job_id: str, attempt: int) -> str:
+    """Deterministic, so a controller that restarts mid-submit, or whose submit's answer was
+    lost, looks the attempt up by this id instead of submitting it twice."""
+    return f"{job_id}-a{attempt}"
 
 
 class BackendError(RuntimeError):

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 from ray.job_submission import JobSubmissionClient
 
-from orchestrator.backends.base import BackendError, JobInfo
+from orchestrator.backends.base import BackendError, JobInfo, submission_id
 from orchestrator.fleet.fleet import ClusterView
 from orchestrator.fleet.tokens import auth_headers
 from orchestrator.runtime.spec import SPEC_ENV, AttemptSpec
@@ -27,11 +27,6 @@ CONNECT_TIMEOUT_S = 5.0
 REQUEST_TIMEOUT_S = 30.0
 
 T = TypeVar("T")
-
-
-def submission_id(job_id: str, attempt: int) -> str:
-    """Deterministic, so a controller that restarts mid-submit cannot submit an attempt twice."""
-    return f"{job_id}-a{attempt}"
 
 
 def package_dir(name: str) -> str:

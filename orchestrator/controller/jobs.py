@@ -42,4 +42,6 @@ def job_request(job: JobRecord) -> JobRequest:
         cost_so_far=job.cost_so_far,
         spill_after_s=placement["spill_after_s"],
         min_lease_left_s=placement["min_lease_left_s"],
+        not_before=job.not_before,
+        failures=job.failures,
     )

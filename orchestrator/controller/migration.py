@@ -18,7 +18,7 @@ from orchestrator.checkpoint.manifest import CheckpointInvalid, verify
 from orchestrator.checkpoint.storage import open_root
 from orchestrator.checkpoint.transfer import Progress, copy_checkpoint
 from orchestrator.controller.paths import checkpoints_url
-from orchestrator.controller.state import ControllerState
+from orchestrator.controller.state import CheckpointRecord, ControllerState
 from orchestrator.fleet.fleet import ClusterView
 
 log = logging.getLogger("spillway.controller")
@@ -32,8 +32,12 @@ class Source:
     cluster: str
     url: str
     step: int
+    epoch: int | None = None
     # How to open url (its cluster's storage options, credentials included).
     options: dict = field(default_factory=dict, repr=False, compare=False)
+    # The sha256 of its manifest recorded when it was committed: a copy is used only if the
+    # manifest still has it (None: recorded before digests were, on an owned cluster).
+    manifest_digest: str | None = None
 
 
 @dataclass(frozen=True)
@@ -43,25 +47,22 @@ class Brought:
     seconds: float
 
 
-def checkpoint_sources(
-    job_id: str, visited: Iterable[ClusterView], target: str, warn: Callable[[str], None]
+def line_sources(
+    records: Iterable[CheckpointRecord], target: str, clusters: dict[str, ClusterView]
 ) -> list[Source]:
-    """Committed checkpoints on the clusters in `visited`, newest step first; on a tie the
-    target's own copy first (nothing to copy), then `visited` order. A store that cannot be
-    listed (its cluster is gone with it) is skipped with a warning."""
-    found: list[tuple[int, int, Source]] = []
-    for rank, view in enumerate(visited):
-        url = checkpoints_url(view, job_id)
-        try:
-            fs, root = open_root(url, view.storage_options)
-            steps = catalog.committed_steps(fs, root)
-        except Exception as exc:  # noqa: BLE001 - any store error means: not usable now
-            warn(f"cannot list checkpoints on {view.name} ({url}): {exc}")
+    """The job's checkpoint line, newest first: the newest epoch's commits before any older
+    epoch's (a higher step of an older line is a zombie's, never continued), newest step
+    first within an epoch, and on a tie the target's own copy first (nothing to copy). Only
+    checkpoints the catalog recorded count; one from a leased cluster needs its digest."""
+    usable = []
+    for r in records:
+        view = clusters.get(r.cluster)
+        if view is None or (r.manifest_digest is None and view.kind == "leased"):
             continue
-        for step in steps:
-            source = Source(view.name, url, step, view.storage_options)
-            found.append((-step, -1 if view.name == target else rank, source))
-    return [s for *_, s in sorted(found, key=lambda t: (t[0], t[1]))]
+        epoch = r.epoch if r.epoch is not None else -1
+        source = Source(r.cluster, r.url, r.step, r.epoch, view.storage_options, r.manifest_digest)
+        usable.append(((-epoch, -r.step, 0 if r.cluster == target else 1), source))
+    return [s for _, s in sorted(usable, key=lambda t: t[0])]
 
 
 def bring(
@@ -86,6 +87,7 @@ def bring(
                 limit_bytes_per_s=limit_bytes_per_s,
                 src_options=source.options,
                 dst_options=target.storage_options,
+                expected_manifest_digest=source.manifest_digest,
             )
         except CheckpointInvalid as exc:
             event(
@@ -121,6 +123,7 @@ def copy_for_attempt(
     sources: list[Source],
     target: ClusterView,
     limit_bytes_per_s: float | None,
+    clock: Callable[[], float] = time.time,
 ) -> None:
     """Bring the checkpoint for PREPARING attempt `number` and record it: progress while it
     runs, an event for what was copied or passed over, and, last, `copy_s` on the attempt,
@@ -134,7 +137,7 @@ def copy_for_attempt(
             state.update_attempt(job_id, number, copy_bytes_done=done, copy_bytes_total=total)
 
     def event(cause: str) -> None:
-        state.add_event(job_id, "migrate", cause, time.time(), number)
+        state.add_event(job_id, "migrate", cause, clock(), number)
 
     brought = bring(sources, target, job_id, event, progress, limit_bytes_per_s)
     src = brought.source
@@ -144,9 +147,11 @@ def copy_for_attempt(
         event(f"checkpoint step {src.step} is already on {target.name}, verified")
     else:
         url = checkpoints_url(target, job_id)
+        # The copy keeps the source's line and digest: its manifest came across byte for byte.
         state.record_checkpoint(
-            job_id, src.step, target.name, url, brought.bytes, True, time.time()
-        )
+            job_id, src.step, target.name, url, brought.bytes, True, clock(),
+            manifest_digest=src.manifest_digest, epoch=src.epoch,
+        )  # fmt: skip
         rate = brought.bytes / brought.seconds / 1e6 if brought.seconds > 0 else 0.0
         event(
             f"copied checkpoint step {src.step} from {src.cluster} to {target.name}: "

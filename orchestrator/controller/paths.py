@@ -19,6 +19,11 @@ def checkpoints_url(cluster: ClusterView, job_id: str) -> str:
     return f"{job_root(cluster, job_id)}/checkpoints"
 
 
+def fence_url(cluster: ClusterView, job_id: str) -> str:
+    """The job's fence on this cluster: the newest epoch, which alone may commit here."""
+    return f"{job_root(cluster, job_id)}/fence.json"
+
+
 def run_files(cluster: ClusterView, job_id: str, attempt: int) -> RunDir:
     """The attempt's run files, opened with the cluster's storage options."""
     return RunDir(attempt_dir(cluster, job_id, attempt), cluster.storage_options)

@@ -39,6 +39,9 @@ class JobRecord:
     # Where the next attempt should go, set by a migration or a recovery and cleared when it
     # is placed; None means the job's own placement.clusters.
     next_clusters: list[str] | None = None
+    failures: int = 0  # attempts in a row that could not start
+    not_before: float = 0.0  # no placement before this (back-off after those failures)
+    wait_detail: dict | None = None  # the wait reason's live numbers
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,12 @@ class AttemptRecord:
     copy_bytes_done: int = 0
     copy_bytes_total: int | None = None
     copy_s: float | None = None  # set once the copy is verified and committed
+    released_at: float | None = None  # its cluster confirmed it no longer runs
+
+    @property
+    def epoch(self) -> int:
+        """Fencing epoch: the attempt number, so every later attempt is newer."""
+        return self.attempt
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,15 @@ class EventRecord:
 
 
 @dataclass(frozen=True)
+class Commit:
+    """One committed checkpoint as the controller accepts it from a store."""
+
+    bytes: int
+    digest: str | None  # sha256 of its manifest's bytes
+    epoch: int | None  # the attempt that committed it
+
+
+@dataclass(frozen=True)
 class CheckpointRecord:
     job_id: str
     step: int
@@ -88,6 +106,8 @@ class CheckpointRecord:
     bytes: int
     verified: bool
     recorded_at: float
+    manifest_digest: str | None = None
+    epoch: int | None = None
 
 
 def _job(row: sqlite3.Row) -> JobRecord:
@@ -109,6 +129,9 @@ def _job(row: sqlite3.Row) -> JobRecord:
         reason=row["reason"],
         restarts=row["restarts"],
         next_clusters=json.loads(row["next_clusters"]) if row["next_clusters"] else None,
+        failures=row["failures"],
+        not_before=row["not_before"],
+        wait_detail=json.loads(row["wait_detail"]) if row["wait_detail"] else None,
     )
 
 

@@ -6,7 +6,7 @@ Kept apart from the store (state.py) that reads and writes them. Careful in the 
 
 from __future__ import annotations
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # What each version adds to the one before, so a state dir from an older spillway is upgraded
 # in place instead of refused.
@@ -26,6 +26,14 @@ _UPGRADES: dict[int, list[str]] = {
                 "copy_s REAL",
             )
         ),
+    ],
+    3: [
+        "ALTER TABLE jobs ADD COLUMN failures INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN not_before REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE jobs ADD COLUMN wait_detail TEXT",
+        "ALTER TABLE attempts ADD COLUMN released_at REAL",
+        "ALTER TABLE checkpoints ADD COLUMN manifest_digest TEXT",
+        "ALTER TABLE checkpoints ADD COLUMN epoch INTEGER",
     ],
 }
 
@@ -49,7 +57,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     reason TEXT,                          -- why it is in its state, e.g. a wait reason
     -- recoveries after faults, and where the next attempt goes if pinned (a JSON list)
     restarts INTEGER NOT NULL DEFAULT 0,
-    next_clusters TEXT
+    next_clusters TEXT,
+    -- attempts in a row that could not start (no capacity, a failed submit), and the back-off
+    -- they earned, and the live numbers of the wait reason (JSON) apart from its stable text
+    failures INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0,
+    wait_detail TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs(state, submitted_at);
 CREATE TABLE IF NOT EXISTS attempts (
@@ -77,6 +90,8 @@ CREATE TABLE IF NOT EXISTS attempts (
     copy_bytes_done INTEGER NOT NULL DEFAULT 0,
     copy_bytes_total INTEGER,
     copy_s REAL,
+    -- when its cluster confirmed it no longer runs: a LOST attempt holds its devices until then
+    released_at REAL,
     PRIMARY KEY (job_id, attempt)
 );
 CREATE INDEX IF NOT EXISTS attempts_by_state ON attempts(state, cluster);
@@ -105,6 +120,10 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     bytes INTEGER NOT NULL,
     verified INTEGER NOT NULL,
     recorded_at REAL NOT NULL,
+    -- sha256 of its manifest when it was committed, and the epoch (attempt) that committed it:
+    -- a copy is used only if its manifest still has this digest
+    manifest_digest TEXT,
+    epoch INTEGER,
     PRIMARY KEY (job_id, step, cluster)
 );
 """

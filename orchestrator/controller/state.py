@@ -11,19 +11,18 @@ Times are epoch seconds passed in by the caller; nothing here reads a clock.
 
 from __future__ import annotations
 
-import json
+import functools
 import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from orchestrator.controller.job_states import (
     ACTIVE_ATTEMPT,
-    ALLOWED,
     HOLDS_DEVICES,
     AttemptState,
     JobState,
@@ -31,6 +30,7 @@ from orchestrator.controller.job_states import (
 from orchestrator.controller.records import (  # noqa: F401 - re-exported for callers
     AttemptRecord,
     CheckpointRecord,
+    Commit,
     EventRecord,
     InvalidTransition,
     JobNotFound,
@@ -41,34 +41,27 @@ from orchestrator.controller.records import (  # noqa: F401 - re-exported for ca
     _job,
 )
 from orchestrator.controller.schema import _SCHEMA, _UPGRADES, SCHEMA_VERSION
+from orchestrator.controller.writes import Transaction
 
-# Columns update_attempt may set; the rest are identity or set once at creation.
-_ATTEMPT_FIELDS = frozenset(
-    {
-        "state",
-        "ray_job_id",
-        "started_at",
-        "ended_at",
-        "first_step",
-        "last_step",
-        "steps_redone",
-        "exit_reason",
-        "cost",
-        "submitted_at",
-        "first_step_at",
-        "interrupted_at",
-        "copy_step",
-        "copy_bytes_done",
-        "copy_bytes_total",
-        "copy_s",
-        "resumed_from_step",
-    }
-)
+T = TypeVar("T")
 
 _ACTIVE = tuple(s.value for s in ACTIVE_ATTEMPT)
 _ACTIVE_SQL = ", ".join("?" for _ in _ACTIVE)
 _HOLDING = tuple(s.value for s in HOLDS_DEVICES)
 _HOLDING_SQL = ", ".join("?" for _ in _HOLDING)
+# Attempts that can end without their cluster's word; they hold devices until released.
+_UNHEARD = (AttemptState.LOST.value, AttemptState.STOPPED.value)
+
+
+def _one_transaction(write: Callable[..., T]) -> Callable[..., T]:
+    """A Transaction method as a ControllerState method that commits on its own."""
+
+    @functools.wraps(write)
+    def method(self: ControllerState, *args: Any, **kwargs: Any) -> T:
+        with self.decision() as tx:
+            return write(tx, *args, **kwargs)
+
+    return method
 
 
 class ControllerState:
@@ -82,7 +75,9 @@ class ControllerState:
         self._conn = conn
         # sqlite3 serializes calls, but not our BEGIN..COMMIT spans: one thread's
         # statements must not land inside another thread's transaction.
-        self._lock = threading.Lock()
+        # Reentrant: a decision reads the state inside its own transaction (on this connection,
+        # so it sees its own writes).
+        self._lock = threading.RLock()
         # Ids handed out but not yet added, so two callers in the same minute cannot
         # both get the same one before either inserts it.
         self._issued: set[str] = set()
@@ -90,7 +85,8 @@ class ControllerState:
     @classmethod
     def open(cls, path: str | Path) -> ControllerState:
         db = Path(path)
-        db.parent.mkdir(parents=True, exist_ok=True)
+        # The state dir holds every job's config and the fleet's records: its owner's only.
+        db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         # isolation_level=None: we issue BEGIN ourselves, so the sqlite3 module's
         # implicit deferred transactions never upgrade a read lock and fail as busy.
         conn = sqlite3.connect(db, check_same_thread=False, isolation_level=None, timeout=10.0)
@@ -130,6 +126,33 @@ class ControllerState:
                 if self._conn.in_transaction:
                     self._conn.execute("ROLLBACK")
                 raise
+
+    @contextmanager
+    def decision(self) -> Iterator[Transaction]:
+        """One decision's writes, committed together or not at all (see writes.py)."""
+        with self._write() as conn:
+            yield Transaction(conn)
+
+    def add_job(self, job: JobRecord, now: float) -> None:
+        with self.decision() as tx:
+            tx.add_job(job, now)
+        self._issued.discard(job.job_id)  # the row now guards the id
+
+    transition = _one_transaction(Transaction.transition)
+    set_reason = _one_transaction(Transaction.set_reason)
+    heartbeat = _one_transaction(Transaction.heartbeat)
+    update_job_config = _one_transaction(Transaction.update_job_config)
+    set_next_clusters = _one_transaction(Transaction.set_next_clusters)
+    count_restart = _one_transaction(Transaction.count_restart)
+    add_cost = _one_transaction(Transaction.add_cost)
+    add_event = _one_transaction(Transaction.add_event)
+    add_attempt = _one_transaction(Transaction.add_attempt)
+    update_attempt = _one_transaction(Transaction.update_attempt)
+    record_checkpoint = _one_transaction(Transaction.record_checkpoint)
+    sync_checkpoints = _one_transaction(Transaction.sync_checkpoints)
+    drop_checkpoints = _one_transaction(Transaction.drop_checkpoints)
+    set_backoff = _one_transaction(Transaction.set_backoff)
+    prune_events = _one_transaction(Transaction.prune_events)
 
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -182,32 +205,6 @@ class ControllerState:
                     return job_id
         raise RuntimeError("could not find an unused job id")  # pragma: no cover
 
-    def add_job(self, job: JobRecord, now: float) -> None:
-        with self._write() as conn:
-            conn.execute(
-                "INSERT INTO jobs (job_id, name, state, priority, submitted_at, updated_at,"
-                " waiting_since, run_config, overrides, world_sizes, device_types, clusters,"
-                " budget, cost_so_far, reason) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
-                (
-                    job.job_id,
-                    job.name,
-                    JobState.PENDING.value,
-                    job.priority,
-                    now,
-                    now,
-                    now,
-                    job.run_config,
-                    json.dumps(list(job.overrides)),
-                    json.dumps(list(job.world_sizes)),
-                    json.dumps(list(job.device_types)),
-                    json.dumps(list(job.clusters)),
-                    job.budget,
-                    "submitted",
-                ),
-            )
-            self._log(conn, job.job_id, now, "state", "submitted", to_state=JobState.PENDING)
-            self._issued.discard(job.job_id)  # the row now guards the id
-
     def get_job(self, job_id: str) -> JobRecord | None:
         rows = self._read("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
         return _job(rows[0]) if rows else None
@@ -224,77 +221,6 @@ class ControllerState:
             )
         return [_job(r) for r in rows]
 
-    def transition(
-        self,
-        job_id: str,
-        to: JobState,
-        cause: str,
-        now: float,
-        attempt: int | None = None,
-        expect: set[JobState] | None = None,
-    ) -> JobRecord:
-        """Move a job to ``to``, recording ``cause``; return the updated job.
-
-        ``expect`` is a compare-and-set: the move happens only if the job is still in one
-        of those states, so two actors that both saw RUNNING cannot both act on it.
-        """
-        to = JobState(to)
-        with self._write() as conn:
-            row = conn.execute("SELECT state FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise JobNotFound(job_id)
-            current = JobState(row["state"])
-            if expect is not None and current not in expect:
-                wanted = ", ".join(sorted(s.value for s in expect))
-                raise InvalidTransition(
-                    f"job {job_id}: expected it in {{{wanted}}} to move it to {to.value}, "
-                    f"but it is {current.value}"
-                )
-            if to not in ALLOWED[current]:
-                allowed = ", ".join(sorted(s.value for s in ALLOWED[current]))
-                raise InvalidTransition(
-                    f"job {job_id}: cannot go from {current.value} to {to.value} "
-                    f"(from {current.value} it may go to {allowed})"
-                )
-            # waiting_since restarts on every return to the queue: spill_after_s counts
-            # from when the job last began waiting, not from its first submission.
-            conn.execute(
-                "UPDATE jobs SET state = ?, updated_at = ?, reason = ?,"
-                " waiting_since = CASE WHEN ? THEN ? ELSE waiting_since END"
-                " WHERE job_id = ?",
-                (to.value, now, cause, to is JobState.PENDING, now, job_id),
-            )
-            self._log(conn, job_id, now, "state", cause, current, to, attempt)
-            return _job(conn.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone())
-
-    def set_reason(self, job_id: str, reason: str | None, now: float) -> bool:
-        """Record why a job is where it is (e.g. a wait reason); True if it changed.
-
-        The placement loop calls this every tick, so an unchanged reason writes nothing.
-        """
-        with self._write() as conn:
-            row = conn.execute("SELECT reason FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-            if row is None:
-                raise JobNotFound(job_id)
-            if row["reason"] == reason:
-                return False
-            conn.execute(
-                "UPDATE jobs SET reason = ?, updated_at = ? WHERE job_id = ?",
-                (reason, now, job_id),
-            )
-            if reason is not None:
-                self._log(conn, job_id, now, "wait", reason)
-            return True
-
-    def heartbeat(self, name: str, pid: int, started_at: float, now: float) -> None:
-        with self._write() as conn:
-            conn.execute(
-                "INSERT INTO controllers (name, pid, started_at, beat_at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT(name) DO UPDATE SET pid = excluded.pid,"
-                " started_at = excluded.started_at, beat_at = excluded.beat_at",
-                (name, pid, started_at, now),
-            )
-
     def last_heartbeat(self, name: str) -> tuple[int, float, float] | None:
         """(pid, started_at, beat_at) of the fleet's controller, if it ever ran."""
         rows = self._read(
@@ -302,157 +228,13 @@ class ControllerState:
         )
         return (rows[0]["pid"], rows[0]["started_at"], rows[0]["beat_at"]) if rows else None
 
-    def update_job_config(self, job_id: str, job: JobRecord) -> None:
-        """Replace what a job runs (for `spillway resume JOB trainer.max_steps=...`)."""
-        with self._write() as conn:
-            cur = conn.execute(
-                "UPDATE jobs SET run_config = ?, overrides = ?, world_sizes = ?, device_types = ?,"
-                " clusters = ?, priority = ?, budget = ? WHERE job_id = ?",
-                (
-                    job.run_config,
-                    json.dumps(list(job.overrides)),
-                    json.dumps(list(job.world_sizes)),
-                    json.dumps(list(job.device_types)),
-                    json.dumps(list(job.clusters)),
-                    job.priority,
-                    job.budget,
-                    job_id,
-                ),
-            )
-            if cur.rowcount == 0:
-                raise JobNotFound(job_id)
-
-    def set_next_clusters(self, job_id: str, clusters: list[str] | None) -> None:
-        """Pin where the job's next attempt goes (a migration, a recovery); None unpins."""
-        with self._write() as conn:
-            cur = conn.execute(
-                "UPDATE jobs SET next_clusters = ? WHERE job_id = ?",
-                (json.dumps(list(clusters)) if clusters is not None else None, job_id),
-            )
-            if cur.rowcount == 0:
-                raise JobNotFound(job_id)
-
-    def count_restart(self, job_id: str) -> int:
-        """One more recovery after a fault; returns how many the job has had."""
-        with self._write() as conn:
-            cur = conn.execute(
-                "UPDATE jobs SET restarts = restarts + 1 WHERE job_id = ?", (job_id,)
-            )
-            if cur.rowcount == 0:
-                raise JobNotFound(job_id)
-            return conn.execute("SELECT restarts FROM jobs WHERE job_id = ?", (job_id,)).fetchone()[
-                0
-            ]
-
-    def add_cost(self, job_id: str, amount: float) -> None:
-        with self._write() as conn:
-            cur = conn.execute(
-                "UPDATE jobs SET cost_so_far = cost_so_far + ? WHERE job_id = ?",
-                (amount, job_id),
-            )
-            if cur.rowcount == 0:
-                raise JobNotFound(job_id)
-
     # ---- events -------------------------------------------------------------------------
-
-    def add_event(
-        self, job_id: str, kind: str, cause: str, now: float, attempt: int | None = None
-    ) -> None:
-        """Record something that happened to a job without a state change (submit, error)."""
-        with self._write() as conn:
-            self._log(conn, job_id, now, kind, cause, attempt=attempt)
 
     def events(self, job_id: str) -> list[EventRecord]:
         rows = self._read("SELECT * FROM events WHERE job_id = ? ORDER BY id", (job_id,))
         return [_event(r) for r in rows]
 
-    @staticmethod
-    def _log(
-        conn: sqlite3.Connection,
-        job_id: str,
-        at: float,
-        kind: str,
-        cause: str,
-        from_state: JobState | None = None,
-        to_state: JobState | None = None,
-        attempt: int | None = None,
-    ) -> None:
-        conn.execute(
-            "INSERT INTO events (job_id, at, kind, from_state, to_state, cause, attempt)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                job_id,
-                at,
-                kind,
-                from_state.value if from_state is not None else None,
-                to_state.value if to_state is not None else None,
-                cause,
-                attempt,
-            ),
-        )
-
     # ---- attempts -----------------------------------------------------------------------
-
-    def add_attempt(
-        self,
-        job_id: str,
-        cluster: str,
-        world_size: int,
-        now: float,
-        resumed_from_step: int | None = None,
-        state: AttemptState = AttemptState.SUBMITTED,
-    ) -> AttemptRecord:
-        """Create the job's next attempt (numbered 1, 2, ...), SUBMITTED unless it is PREPARING.
-
-        The job's next_clusters pin is used up by this placement, so it is cleared with it.
-        """
-        with self._write() as conn:
-            if conn.execute("SELECT 1 FROM jobs WHERE job_id = ?", (job_id,)).fetchone() is None:
-                raise JobNotFound(job_id)
-            (number,) = conn.execute(
-                "SELECT COALESCE(MAX(attempt), 0) + 1 FROM attempts WHERE job_id = ?", (job_id,)
-            ).fetchone()
-            conn.execute(
-                "INSERT INTO attempts (job_id, attempt, cluster, world_size, state, created_at,"
-                " resumed_from_step) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    job_id,
-                    number,
-                    cluster,
-                    world_size,
-                    AttemptState(state).value,
-                    now,
-                    resumed_from_step,
-                ),
-            )
-            conn.execute("UPDATE jobs SET next_clusters = NULL WHERE job_id = ?", (job_id,))
-            row = conn.execute(
-                "SELECT * FROM attempts WHERE job_id = ? AND attempt = ?", (job_id, number)
-            ).fetchone()
-            return _attempt(row)
-
-    def update_attempt(self, job_id: str, attempt: int, **fields: Any) -> AttemptRecord:
-        unknown = set(fields) - _ATTEMPT_FIELDS
-        if unknown:
-            raise ValueError(
-                f"update_attempt cannot set {sorted(unknown)}; settable: {sorted(_ATTEMPT_FIELDS)}"
-            )
-        if "state" in fields:
-            fields["state"] = AttemptState(fields["state"]).value
-        with self._write() as conn:
-            if fields:
-                # Column names come from _ATTEMPT_FIELDS, never from the caller's text.
-                assignments = ", ".join(f"{name} = ?" for name in fields)
-                conn.execute(
-                    f"UPDATE attempts SET {assignments} WHERE job_id = ? AND attempt = ?",
-                    (*fields.values(), job_id, attempt),
-                )
-            row = conn.execute(
-                "SELECT * FROM attempts WHERE job_id = ? AND attempt = ?", (job_id, attempt)
-            ).fetchone()
-            if row is None:
-                raise JobNotFound(f"{job_id} attempt {attempt}")
-            return _attempt(row)
 
     def attempts(self, job_id: str) -> list[AttemptRecord]:
         rows = self._read("SELECT * FROM attempts WHERE job_id = ? ORDER BY attempt", (job_id,))
@@ -490,62 +272,30 @@ class ControllerState:
         return [_attempt(r) for r in rows]
 
     def devices_in_use(self, cluster: str) -> int:
-        """Devices held on ``cluster`` by attempts that are preparing, submitted or running."""
+        """Devices held on ``cluster``: by attempts that are preparing, submitted or running,
+        and by ones that ended unheard whose cluster has not yet confirmed they stopped (a
+        partitioned attempt may still be training there)."""
         rows = self._read(
-            f"SELECT COALESCE(SUM(world_size), 0) FROM attempts"
-            f" WHERE cluster = ? AND state IN ({_HOLDING_SQL})",
-            (cluster, *_HOLDING),
+            f"SELECT COALESCE(SUM(world_size), 0) FROM attempts WHERE cluster = ? AND"
+            f" (state IN ({_HOLDING_SQL}) OR (state IN (?, ?) AND released_at IS NULL))",
+            (cluster, *_HOLDING, *_UNHEARD),
         )
         return int(rows[0][0])
 
+    def unreleased_attempts(self) -> list[AttemptRecord]:
+        """Attempts that ended unheard and may still run (LOST, or STOPPED by a cancel):
+        each is stopped, if need be, once its cluster answers, and released when it says so."""
+        rows = self._read(
+            "SELECT * FROM attempts WHERE state IN (?, ?) AND released_at IS NULL"
+            " ORDER BY created_at, job_id, attempt",
+            _UNHEARD,
+        )
+        return [_attempt(r) for r in rows]
+
     # ---- checkpoints --------------------------------------------------------------------
 
-    def record_checkpoint(
-        self,
-        job_id: str,
-        step: int,
-        cluster: str,
-        url: str,
-        bytes: int,
-        verified: bool,
-        now: float,
-    ) -> None:
-        """Insert or refresh what we know of one job's checkpoint at ``step`` on ``cluster``."""
-        with self._write() as conn:
-            conn.execute(
-                "INSERT INTO checkpoints (job_id, step, cluster, url, bytes, verified, recorded_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (job_id, step, cluster) DO UPDATE SET url = excluded.url,"
-                " bytes = excluded.bytes, verified = excluded.verified,"
-                " recorded_at = excluded.recorded_at",
-                (job_id, step, cluster, url, bytes, int(verified), now),
-            )
-
-    def sync_checkpoints(
-        self, job_id: str, cluster: str, url: str, found: dict[int, int], now: float
-    ) -> None:
-        """Make the catalog of one job on one cluster match what its store holds now
-        (``found``: step -> bytes): new steps are added unverified, pruned ones dropped, and a
-        step already known as verified (a copy checked byte by byte) stays verified."""
-        with self._write() as conn:
-            for step, size in found.items():
-                conn.execute(
-                    "INSERT INTO checkpoints (job_id, step, cluster, url, bytes, verified,"
-                    " recorded_at) VALUES (?, ?, ?, ?, ?, 0, ?)"
-                    " ON CONFLICT (job_id, step, cluster) DO UPDATE SET bytes = excluded.bytes",
-                    (job_id, step, cluster, url, size, now),
-                )
-            # NOT IN () is not SQL, and NOT IN (NULL) matches nothing: an empty store has an
-            # impossible step instead.
-            kept = list(found) or [-1]
-            marks = ", ".join("?" for _ in kept)
-            conn.execute(
-                f"DELETE FROM checkpoints WHERE job_id = ? AND cluster = ? AND step NOT IN ({marks})",
-                (job_id, cluster, *kept),
-            )
-
     def checkpoints(self, job_id: str) -> list[CheckpointRecord]:
-        """The job's checkpoints, newest step first."""
+        """The job's checkpoints, newest step first (see checkpoint_line for which to use)."""
         rows = self._read(
             "SELECT * FROM checkpoints WHERE job_id = ? ORDER BY step DESC, cluster", (job_id,)
         )

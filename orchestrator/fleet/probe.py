@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -22,6 +23,25 @@ class ClusterHealth:
     devices_used: float | None = None
     devices_total: float | None = None
     error: str | None = None
+    # Why it is unreachable: "refused" (nothing listens: the head is gone), "timeout" (it
+    # accepted and did not answer: hung or partitioned), or "error" (anything else).
+    failure: str | None = None
+
+
+def failure_kind(exc: BaseException) -> str:
+    """refused, timeout or error, for an exception from one call to a cluster."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        reason = getattr(seen, "reason", None)
+        for cause in (seen, reason):
+            if isinstance(cause, ConnectionRefusedError):
+                return "refused"
+            if isinstance(cause, (TimeoutError, socket.timeout)):
+                return "timeout"
+        if "timed out" in str(seen).lower():
+            return "timeout"
+        seen = seen.__cause__ or seen.__context__
+    return "error"
 
 
 def _get(dashboard_url: str, token: str | None, path: str, timeout_s: float) -> dict:
@@ -32,9 +52,9 @@ def _get(dashboard_url: str, token: str | None, path: str, timeout_s: float) -> 
 
 def probe(view: ClusterView, timeout_s: float = 2.0) -> ClusterHealth:
     if view.local and not view.running:
-        return ClusterHealth(False, error="not running: spillway fleet up")
+        return ClusterHealth(False, error="not running: spillway fleet up", failure="refused")
     if not view.dashboard_url:
-        return ClusterHealth(False, error="no dashboard_url")
+        return ClusterHealth(False, error="no dashboard_url", failure="error")
     return device_usage(view.dashboard_url, view.token, view.device_resource, timeout_s)
 
 
@@ -47,9 +67,11 @@ def device_usage(
         status = _get(dashboard_url, token, path, timeout_s)["data"]["autoscalingStatus"]
     except urllib.error.HTTPError as exc:
         reason = "token refused" if exc.code in (401, 403) else f"HTTP {exc.code}"
-        return ClusterHealth(False, error=reason)
+        return ClusterHealth(False, error=reason, failure="error")
     except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
-        return ClusterHealth(False, error=f"unreachable: {getattr(exc, 'reason', exc)}")
+        return ClusterHealth(
+            False, error=f"unreachable: {getattr(exc, 'reason', exc)}", failure=failure_kind(exc)
+        )
     # The autoscaler's summary line keeps Ray's own resource names, e.g. "0.0/2.0 spillway_device";
     # in the first seconds after a start it has not reported yet.
     usage = re.search(rf"([\d.]+)/([\d.]+) {re.escape(device_resource)}\b", status or "")

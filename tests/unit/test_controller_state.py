@@ -17,6 +17,7 @@ from orchestrator.controller.job_states import (
     JobState,
 )
 from orchestrator.controller.state import (
+    Commit,
     ControllerState,
     InvalidTransition,
     JobNotFound,
@@ -244,7 +245,7 @@ def test_a_version_1_state_file_is_upgraded_in_place(db: Path) -> None:
         job = _job(st)
         st.add_attempt(job.job_id, "owned-a", 2, T0 + 1)
     added: dict[str, set[str]] = {}
-    for upgrade in schema._UPGRADES[2]:
+    for upgrade in [u for version in sorted(schema._UPGRADES) for u in schema._UPGRADES[version]]:
         table, column = upgrade.split()[2], upgrade.split(" ADD COLUMN ")[1].split()[0]
         added.setdefault(table, set()).add(column)
     with sqlite3.connect(db) as conn:  # what spillway 0.1 wrote: version 1, no new columns
@@ -266,20 +267,33 @@ def test_a_version_1_state_file_is_upgraded_in_place(db: Path) -> None:
         ]
 
 
-def test_sync_checkpoints_follows_the_store_and_keeps_verified_copies(st: ControllerState) -> None:
+def test_the_catalog_follows_the_store_keeping_first_digests_and_verified_copies(
+    st: ControllerState,
+) -> None:
     a = _job(st)
-    st.record_checkpoint(a.job_id, 20, "lease-b", "mem://b", 100, True, T0)  # a verified copy
-    st.sync_checkpoints(a.job_id, "lease-b", "mem://b", {20: 100, 30: 110}, T0 + 1)
-    st.sync_checkpoints(a.job_id, "owned-a", "mem://a", {10: 90}, T0 + 1)
-    rows = {(r.step, r.cluster): r.verified for r in st.checkpoints(a.job_id)}
-    assert rows == {(30, "lease-b"): False, (20, "lease-b"): True, (10, "owned-a"): False}
-    st.sync_checkpoints(a.job_id, "lease-b", "mem://b", {30: 110, 40: 120}, T0 + 2)  # 20 pruned
-    assert [(r.step, r.cluster) for r in st.checkpoints(a.job_id)] == [
-        (40, "lease-b"),
-        (30, "lease-b"),
-        (10, "owned-a"),
+    st.record_checkpoint(a.job_id, 20, "lease-b", "mem://b", 100, True, T0, "d20", 1)  # a copy
+
+    def sync(cluster: str, url: str, found: dict[int, Commit], now: float) -> None:
+        with st.decision() as tx:
+            tx.sync_checkpoints(a.job_id, cluster, url, found, now)
+            tx.drop_checkpoints(a.job_id, cluster, list(found))
+
+    sync("lease-b", "mem://b", {20: Commit(100, "d20", 1), 30: Commit(110, "d30", 2)}, T0 + 1)
+    sync("owned-a", "mem://a", {10: Commit(90, "d10", 1)}, T0 + 1)
+    rows = {(r.step, r.cluster): (r.verified, r.manifest_digest) for r in st.checkpoints(a.job_id)}
+    assert rows == {
+        (30, "lease-b"): (False, "d30"),
+        (20, "lease-b"): (True, "d20"),
+        (10, "owned-a"): (False, "d10"),
+    }
+    # A manifest rewritten after its commit does not become the trusted one; 20 was pruned.
+    sync("lease-b", "mem://b", {30: Commit(110, "forged", 2), 40: Commit(120, "d40", 2)}, T0 + 2)
+    assert [(r.step, r.cluster, r.manifest_digest) for r in st.checkpoints(a.job_id)] == [
+        (40, "lease-b", "d40"),
+        (30, "lease-b", "d30"),
+        (10, "owned-a", "d10"),
     ]
-    st.sync_checkpoints(a.job_id, "owned-a", "mem://a", {}, T0 + 3)
+    sync("owned-a", "mem://a", {}, T0 + 3)
     assert {r.cluster for r in st.checkpoints(a.job_id)} == {"lease-b"}
 
 
@@ -388,3 +402,49 @@ def test_job_ids_unique_readable_sortable(
         assert other.new_job_id(T0) == "j-20261118-1106-beef"
     finally:
         other.close()
+
+
+def test_a_decision_killed_between_two_writes_leaves_nothing_of_itself(st, db):
+    job = _job(st)
+    with pytest.raises(RuntimeError, match="killed"):
+        with st.decision() as tx:
+            tx.add_attempt(job.job_id, "home", 4, T0 + 1)
+            tx.transition(job.job_id, S.STARTING, "placed", T0 + 1, 1)
+            raise RuntimeError("killed between the writes and the commit")
+    reopened = ControllerState.open(db)
+    assert reopened.attempts(job.job_id) == []
+    assert reopened.get_job(job.job_id).state == S.PENDING
+    with reopened.decision() as tx:  # and the store is usable after it
+        attempt = tx.add_attempt(job.job_id, "home", 4, T0 + 2)
+        tx.transition(job.job_id, S.STARTING, "placed", T0 + 2, attempt.attempt)
+    assert st.get_job(job.job_id).state == S.STARTING and len(st.attempts(job.job_id)) == 1
+    reopened.close()
+
+
+def test_a_stable_wait_reason_writes_one_event_however_often_its_numbers_change(st):
+    job = _job(st)
+    before = len(st.events(job.job_id))
+    for free in range(5):
+        st.set_reason(job.job_id, "waiting for devices on home", T0 + free, {"free": free})
+    assert len(st.events(job.job_id)) == before + 1
+    assert st.get_job(job.job_id).wait_detail == {"free": 4}
+    assert st.set_reason(job.job_id, "a lease ends too soon", T0 + 9) is True
+    assert len(st.events(job.job_id)) == before + 2
+
+
+def test_a_lost_attempt_holds_its_devices_until_its_cluster_releases_it(st):
+    job = _job(st)
+    st.add_attempt(job.job_id, "partner", 4, T0)
+    st.update_attempt(job.job_id, 1, state=AttemptState.LOST, ended_at=T0 + 5)
+    assert st.devices_in_use("partner") == 4
+    assert [a.attempt for a in st.unreleased_attempts()] == [1]
+    st.update_attempt(job.job_id, 1, released_at=T0 + 9)
+    assert st.devices_in_use("partner") == 0 and st.unreleased_attempts() == []
+
+
+def test_events_of_finished_jobs_go_after_the_retention_period_live_ones_stay(st):
+    done, live = _job(st), _job(st)
+    st.transition(done.job_id, S.CANCELLED, "cancelled", T0 + 1)
+    events = len(st.events(done.job_id))
+    assert st.prune_events(T0 + 100) == events > 0
+    assert st.events(done.job_id) == [] and st.events(live.job_id) != []

@@ -7,8 +7,9 @@ import os
 from orchestrator.checkpoint import catalog, manifest, storage
 from orchestrator.controller import migration
 from orchestrator.controller.job_states import AttemptState
+from orchestrator.controller.observe import committed
 from orchestrator.controller.paths import checkpoints_url
-from orchestrator.controller.state import ControllerState, JobRecord
+from orchestrator.controller.state import CheckpointRecord, ControllerState, JobRecord
 from orchestrator.fleet.fleet import ClusterView
 
 T0 = 1_795_000_000.0
@@ -42,23 +43,43 @@ def corrupt(cluster: ClusterView, job_id: str, step: int) -> None:
     fs.pipe_file(path, bytes(data))
 
 
+def recorded_sources(job_id: str, views: list[ClusterView], target: str) -> list:
+    """What the catalog would hold had the controller recorded every commit in these stores
+    (observe.committed reads each manifest's digest), as the job's line of sources."""
+    records = [
+        CheckpointRecord(
+            job_id, step, v.name, checkpoints_url(v, job_id), c.bytes, False, T0, c.digest, c.epoch
+        )  # fmt: skip
+        for v in views
+        for step, c in committed(v, job_id).items()
+    ]
+    return migration.line_sources(records, target, {v.name: v for v in views})
+
+
 def test_sources_newest_first_the_targets_own_copy_first_on_a_tie(tmp_path):
     home, lease = view(tmp_path, "home"), view(tmp_path, "lease")
     save(home, "j", 10)
     save(home, "j", 20)
     save(lease, "j", 20)
-    found = migration.checkpoint_sources("j", [home, lease], "lease", warn=print)
+    found = recorded_sources("j", [home, lease], "lease")
     assert [(s.cluster, s.step) for s in found] == [("lease", 20), ("home", 20), ("home", 10)]
+    assert all(len(s.manifest_digest) == 64 for s in found)
 
 
-def test_a_store_that_cannot_be_listed_is_skipped_with_a_warning(tmp_path):
-    home = view(tmp_path, "home")
+def test_a_manifest_rewritten_after_its_commit_was_recorded_is_refused(tmp_path):
+    home, lease = view(tmp_path, "home"), view(tmp_path, "lease")
     save(home, "j", 10)
-    gone = ClusterView(**{**view(tmp_path, "gone").__dict__, "storage_root": "nosuchproto://x"})
-    warnings: list[str] = []
-    found = migration.checkpoint_sources("j", [gone, home], "home", warn=warnings.append)
-    assert [(s.cluster, s.step) for s in found] == [("home", 10)]
-    assert len(warnings) == 1 and warnings[0].startswith("cannot list checkpoints on gone")
+    save(home, "j", 20)
+    sources = recorded_sources("j", [home, lease], "lease")
+    # The partner rewrites step 20 whole, manifest included: it verifies, but is not the one
+    # recorded at its commit.
+    fs, root = storage.open_root(checkpoints_url(home, "j"))
+    storage.remove_tree(fs, catalog.step_dir(root, 20))
+    save(home, "j", 20)
+    events: list[str] = []
+    brought = migration.bring(sources, lease, "j", events.append)
+    assert (brought.source.cluster, brought.source.step) == ("home", 10)
+    assert "does not match the digest recorded" in events[0], events
 
 
 def test_a_corrupt_newest_checkpoint_is_passed_over_for_the_one_before(tmp_path):
@@ -67,7 +88,7 @@ def test_a_corrupt_newest_checkpoint_is_passed_over_for_the_one_before(tmp_path)
     save(home, "j", 20)
     corrupt(home, "j", 20)
     events: list[str] = []
-    sources = migration.checkpoint_sources("j", [home, lease], "lease", warn=print)
+    sources = recorded_sources("j", [home, lease], "lease")
     brought = migration.bring(sources, lease, "j", events.append)
     assert (brought.source.cluster, brought.source.step, brought.bytes) == ("home", 10, 4000)
     assert events[0].startswith("checkpoint step 20 on home does not verify")
@@ -81,7 +102,7 @@ def test_the_copy_records_progress_the_catalog_and_last_of_all_its_completion(tm
     with ControllerState.open(tmp_path / "controller.db") as state:
         state.add_job(JobRecord("j", "run", "{}", [2]), T0)
         state.add_attempt("j", "lease", 2, T0, state=AttemptState.PREPARING)
-        sources = migration.checkpoint_sources("j", [home, lease], "lease", warn=print)
+        sources = recorded_sources("j", [home, lease], "lease")
         migration.copy_for_attempt(state, "j", 1, sources, lease, None)
         attempt = state.attempts("j")[0]
         assert (attempt.copy_step, attempt.resumed_from_step) == (30, 30)
@@ -94,7 +115,7 @@ def test_the_copy_records_progress_the_catalog_and_last_of_all_its_completion(tm
             "copied checkpoint step 30 from home to lease"
         )
         # Again, as a controller restarted mid-migration would: nothing is copied twice.
-        sources = migration.checkpoint_sources("j", [home, lease], "lease", warn=print)
+        sources = recorded_sources("j", [home, lease], "lease")
         assert sources[0].cluster == "lease"
         migration.copy_for_attempt(state, "j", 1, sources, lease, None)
         assert state.events("j")[-1].cause == "checkpoint step 30 is already on lease, verified"
@@ -112,7 +133,7 @@ def test_a_checkpoint_pruned_after_it_was_listed_is_passed_over(tmp_path):
     home, lease = view(tmp_path, "home"), view(tmp_path, "lease")
     save(home, "j", 10)
     save(home, "j", 20)
-    sources = migration.checkpoint_sources("j", [home, lease], "lease", warn=print)
+    sources = recorded_sources("j", [home, lease], "lease")
     fs, root = storage.open_root(checkpoints_url(home, "j"))
     storage.remove_tree(fs, catalog.step_dir(root, 20))
     events: list[str] = []

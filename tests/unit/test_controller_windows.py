@@ -1,0 +1,281 @@
+"""The reconcile loop through its failure windows, on the in-memory fleet: a crash between any
+two writes, a submit whose answer was lost, a cancel mid-placement, a hung cluster, one that
+comes back after it was declared lost, one removed from the fleet, a bad fleet."""
+
+from __future__ import annotations
+
+import sqlite3
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.checkpoint import catalog
+from orchestrator.checkpoint.storage import open_root
+from orchestrator.controller.job_states import AttemptState, JobState
+from orchestrator.controller.paths import checkpoints_url
+from orchestrator.controller.requests import cancel_job
+from tests.controller_runs import (
+    every_step_once,
+    finished,
+    launch,
+    live_attempts,
+    run_checked,
+    state_of,
+)
+from tests.fake_cluster import FakeCluster, FakeFleet
+
+
+@pytest.fixture
+def root(spillway_home: Path) -> Path:
+    return Path(tempfile.mkdtemp(prefix="windows-", dir=spillway_home))
+
+
+def two_owned(root: Path, **partner) -> FakeFleet:
+    return FakeFleet(
+        root, [FakeCluster("home", "owned", 2), FakeCluster("partner", "owned", 2, **partner)]
+    )
+
+
+@pytest.fixture
+def fleet(root: Path):
+    made = two_owned(root)
+    yield made
+    made.close()
+
+
+class Crash(Exception):
+    """The controller process dying at one statement: what it had not committed is gone."""
+
+
+def crash_at(controller, statement: int) -> dict:
+    """Make the controller's state fail at its `statement`-th SQL statement from now on, as a
+    process killed there would; returns the counter (its "fired" says whether it did)."""
+    conn: sqlite3.Connection = controller.state._conn
+    counter = {"n": 0, "fired": False}
+
+    def trace(sql: str) -> None:
+        if sql.lstrip().upper().startswith(("INSERT", "UPDATE", "DELETE", "COMMIT")):
+            counter["n"] += 1
+
+    def abort() -> int:
+        if counter["n"] >= statement and not counter["fired"]:
+            counter["fired"] = True
+            return 1  # sqlite aborts the statement: the transaction rolls back
+        return 0
+
+    conn.set_trace_callback(trace)
+    conn.set_progress_handler(abort, 1)
+    return counter
+
+
+# Every third write of a whole run: placement, submit, start, progress, the finish.
+CRASH_POINTS = range(1, 71, 3)  # a run of this job makes about 70 writes
+
+
+@pytest.mark.parametrize("statement", CRASH_POINTS)
+def test_a_controller_killed_at_any_write_comes_back_and_loses_nothing(root, statement):
+    fleet = two_owned(root)
+    controller = fleet.controller(root / "state")
+    job_id = launch(controller, fleet, "trainer.max_steps=12", "checkpoint.every_steps=5")
+    counter = crash_at(controller, statement)
+    fleet.run_until(controller, lambda: counter["fired"] or state_of(controller, job_id) in (
+        JobState.SUCCEEDED, JobState.FAILED), max_s=120)  # fmt: skip
+    assert counter["fired"], f"the run made fewer than {statement} writes"
+    controller = fleet.restart(controller)  # killed there; a fresh process on the same state
+    try:
+        run_checked(fleet, controller, job_id, max_s=200)
+        assert state_of(controller, job_id) == JobState.SUCCEEDED
+        attempts = controller.state.attempts(job_id)
+        # Each attempt the state knows reached a cluster once at most, and nothing ran that
+        # the state does not know.
+        ran = [a for c in fleet.clusters.values() for a in c.attempts.values()]
+        assert len(ran) <= len(attempts)
+        assert {a.spec.attempt for a in ran} <= {a.attempt for a in attempts}
+        steps = [r["step"] for r in every_step_once(fleet, controller, job_id)]
+        assert steps[-1] == 12 and set(steps) == set(range(1, 13))
+    finally:
+        controller.close()
+        fleet.close()
+
+
+def test_a_submit_whose_answer_was_lost_is_settled_by_its_id_not_repeated(fleet, root):
+    fleet["home"].accept_then_time_out()
+    controller = fleet.controller(root / "state")
+    try:
+        job_id = launch(controller, fleet)
+        run_checked(fleet, controller, job_id)
+        assert state_of(controller, job_id) == JobState.SUCCEEDED
+        (attempt,) = controller.state.attempts(job_id)
+        assert attempt.ray_job_id == f"{job_id}-a1" and len(fleet["home"].attempts) == 1
+        assert any("has " + attempt.ray_job_id in e.cause for e in controller.state.events(job_id))
+    finally:
+        controller.close()
+
+
+def test_a_cancel_mid_placement_stops_the_attempt_and_frees_its_devices(fleet, root):
+    controller = fleet.controller(root / "state")
+    try:
+        job_id = launch(controller, fleet, "trainer.max_steps=100")
+        fleet.tick(controller)  # placed, its submit queued on home's lane
+        cancel_job(controller.state, job_id, fleet.clock())
+        fleet.run_until(
+            controller,
+            lambda: all(a.released_at for a in controller.state.attempts(job_id)),
+            max_s=30,
+        )
+        (attempt,) = controller.state.attempts(job_id)
+        assert (
+            attempt.state == AttemptState.STOPPED
+            and state_of(controller, job_id) == JobState.CANCELLED
+        )
+        assert live_attempts(fleet, job_id) == []
+        assert controller.state.devices_in_use("home") == 0
+    finally:
+        controller.close()
+
+
+def test_a_hung_cluster_holds_one_call_and_delays_nobody_else(root):
+    fleet = two_owned(root, hang_s=2.0)
+    controller = fleet.controller(root / "state")
+    try:
+        fleet["partner"].hang()
+        job_id = launch(controller, fleet, "trainer.max_steps=12", "placement.clusters=[home]")
+        hung_calls = []
+        for _ in range(8):
+            fleet.tick(controller)
+            hung_calls.append(len(fleet["partner"].calls))
+        run_checked(fleet, controller, job_id)
+        assert state_of(controller, job_id) == JobState.SUCCEEDED
+        # One call at a time on the hung lane, and the loop does not wait for it: while its
+        # probe hangs the ticks go on without it, so its calls trickle instead of piling up.
+        assert hung_calls[-1] <= 3, hung_calls
+    finally:
+        controller.close()
+        fleet.close()
+
+
+def test_a_partitioned_cluster_is_lost_its_zombie_fenced_and_the_line_continues(root):
+    fleet = two_owned(root)
+    controller = fleet.controller(root / "state")
+    try:
+        job_id = launch(
+            controller, fleet, "trainer.max_steps=40", "checkpoint.every_steps=5",
+            "checkpoint.keep=10", "placement.clusters=[partner,home]",
+        )  # fmt: skip
+        fleet.run_until(
+            controller, lambda: any(a.step >= 12 for a in fleet["partner"].attempts.values())
+        )
+        fleet["partner"].partition()
+        fleet.run_until(
+            controller,
+            lambda: controller.state.attempts(job_id)[0].state == AttemptState.LOST,
+            max_s=60,
+        )
+        lost = controller.state.attempts(job_id)[0]
+        # Its devices stay booked while it may still run there.
+        assert controller.state.devices_in_use("partner") == 2 and lost.released_at is None
+        fleet.run_until(controller, lambda: len(controller.state.attempts(job_id)) == 2, max_s=60)
+        second = controller.state.attempts(job_id)[1]
+        assert second.cluster == "home" and second.resumed_from_step == 10
+        fleet.run_until(controller, lambda: fleet["home"].live() != [], max_s=30)
+        fleet.advance(20)  # the zombie trains on and reaches its next commit: fenced
+        zombie = next(iter(fleet["partner"].attempts.values()))
+        assert not zombie.live and zombie.exit_code == 76, zombie
+        fleet["partner"].heal()
+        time.sleep(fleet["partner"].hang_s + 0.1)  # the call that hung in real time returns
+        run_checked(fleet, controller, job_id)
+        assert state_of(controller, job_id) == JobState.SUCCEEDED
+        # Its cluster answers again and says the zombie ended: its devices are free.
+        fleet.run_until(
+            controller, lambda: controller.state.attempts(job_id)[0].released_at, max_s=30
+        )
+        assert controller.state.devices_in_use("partner") == 0
+        # The catalog never took a checkpoint of the zombie's after it was lost.
+        partner_steps = {
+            c.step for c in controller.state.checkpoints(job_id) if c.cluster == "partner"
+        }
+        assert max(partner_steps, default=0) <= 10
+        steps = [r["step"] for r in every_step_once(fleet, controller, job_id)]
+        assert steps[-1] == 40
+    finally:
+        controller.close()
+        fleet.close()
+
+
+def test_a_cluster_removed_from_the_fleet_loses_its_attempt_and_the_job_moves(root):
+    fleet = two_owned(root)
+    controller = fleet.controller(root / "state")
+    try:
+        job_id = launch(
+            controller, fleet, "trainer.max_steps=30", "placement.clusters=[partner,home]"
+        )
+        fleet.run_until(
+            controller, lambda: any(a.step >= 7 for a in fleet["partner"].attempts.values())
+        )
+        fleet.remove("partner")  # out of reach for good: what still runs there, runs on
+        fleet.run_until(controller, finished(controller, job_id), max_s=200)
+        first, second = controller.state.attempts(job_id)
+        assert first.state == AttemptState.LOST and "no longer in the fleet" in first.exit_reason
+        # Its storage left the fleet with it: nothing of its line can be read, so from step 0.
+        assert (second.cluster, second.resumed_from_step) == ("home", None)
+        assert state_of(controller, job_id) == JobState.SUCCEEDED
+    finally:
+        controller.close()
+        fleet.close()
+
+
+def test_a_refused_head_is_lost_within_seconds_and_a_blip_never(root):
+    fleet = two_owned(root)
+    controller = fleet.controller(root / "state")
+    try:
+        job_id = launch(
+            controller, fleet, "trainer.max_steps=200", "placement.clusters=[partner,home]"
+        )
+        fleet.run_until(controller, lambda: state_of(controller, job_id) == JobState.RUNNING)
+        fleet["partner"].refuse()
+        for _ in range(3):
+            fleet.tick(controller)
+        fleet["partner"].heal()
+        for _ in range(5):
+            fleet.tick(controller)
+        assert controller.state.attempts(job_id)[0].state == AttemptState.RUNNING  # a blip
+        fleet["partner"].refuse()
+        lost_at = None
+        for second in range(1, 12):
+            fleet.tick(controller)
+            if controller.state.attempts(job_id)[0].state == AttemptState.LOST:
+                lost_at = second
+                break
+        assert lost_at is not None and lost_at <= 7, lost_at
+    finally:
+        controller.close()
+        fleet.close()
+
+
+def test_a_fleet_that_cannot_be_resolved_fails_its_tick_alone(fleet, root):
+    controller = fleet.controller(root / "state")
+    try:
+        job_id = launch(controller, fleet)
+        broken = {"on": True}
+        good = controller._fleet
+
+        def flaky():
+            if broken["on"]:
+                raise ValueError("fleet.clusters.partner.lease_end: not a time")
+            return good()
+
+        controller._fleet = flaky
+        fleet.tick(controller)  # logged, nothing decided, nothing raised
+        assert state_of(controller, job_id) == JobState.PENDING
+        broken["on"] = False
+        run_checked(fleet, controller, job_id)
+        assert state_of(controller, job_id) == JobState.SUCCEEDED
+    finally:
+        controller.close()
+
+
+def committed_on(fleet: FakeFleet, cluster: str, job_id: str) -> list[int]:
+    fs, path = open_root(checkpoints_url(fleet[cluster].view(), job_id))
+    return catalog.committed_steps(fs, path)
