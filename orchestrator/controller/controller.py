@@ -307,6 +307,9 @@ class Controller(PlacingMixin, FinishingMixin):
             now,
             self._limits(job),
         )
+        if isinstance(decision, w.Lose) and verdicts.get(cluster.name) == "lost":
+            why = loss.describe(self._loss[cluster.name], now)
+            decision = w.Lose(f"{cluster.name} unreachable: {why}", True, decision.stop)
         self._apply_watch(decision, job, attempt, cluster, now)
 
     def _apply_watch(self, decision, job, attempt, cluster: ClusterView, now: float) -> None:

@@ -317,7 +317,7 @@ def test_4_kill_9_of_the_partner_head_fails_over_home(spillway, fleet_home, refe
     info = finish(spillway, p)
     first, second = info["attempts"]
     assert (first["cluster"], first["state"]) == ("partner", "LOST")
-    assert first["exit_reason"].startswith("partner unreachable for"), first["exit_reason"]
+    assert first["exit_reason"].startswith("partner unreachable: refusing connections for")
     assert (second["cluster"], second["state"]) == ("home", "SUCCEEDED")
     assert second["first_step"] % 10 == 1
     lost = next(e for e in info["events"] if e["to"] == "PENDING" and e["attempt"] == 1)
