@@ -45,7 +45,8 @@ def job_json(state: ControllerState, job: JobRecord, detail: bool) -> dict:
         out["overrides"] = list(job.overrides)
         out["checkpoints"] = [
             {"step": c.step, "cluster": c.cluster, "url": c.url, "bytes": c.bytes,
-             "verified": c.verified, "recorded_at": c.recorded_at}
+             "verified": c.verified, "recorded_at": c.recorded_at, "epoch": c.epoch,
+             "manifest_digest": c.manifest_digest}
             for c in state.checkpoints(job.job_id)
         ]  # fmt: skip
         out["events"] = [

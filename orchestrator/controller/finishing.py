@@ -139,6 +139,10 @@ class FinishingMixin:
                 **fields,
             )
             self._recover(tx, job, attempt, cluster_name, what, now, cluster_lost)
+        if cluster is not None:
+            # Fenced at once, not when the next attempt is placed: from its next commit on, an
+            # attempt still training there commits and prunes nothing.
+            self._fence(cluster, job.job_id, attempt.epoch + 1, attempt.attempt + 1)
 
     def _recover(
         self, tx: Transaction, job, attempt, cluster_name: str, what, now, cluster_lost: bool

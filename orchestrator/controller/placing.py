@@ -132,10 +132,14 @@ class PlacingMixin:
         snapshots = [self._snapshot(c, verdicts) for c in clusters.values()]
         decisions = place([job_request(j) for j in pending], snapshots, now)
         self._preempt(pending, snapshots, decisions, now)
+        # Every waiting job's reason in one transaction: a long queue is one commit a tick,
+        # and a reason that did not change writes nothing.
+        with self.state.decision() as tx:
+            for d in decisions:
+                if not isinstance(d, Placement):
+                    tx.set_reason(d.job_id, d.reason, now, getattr(d, "detail", None))
         for decision in decisions:
             if not isinstance(decision, Placement):
-                detail = getattr(decision, "detail", None)
-                self.state.set_reason(decision.job_id, decision.reason, now, detail)
                 continue
             job = self._job(decision.job_id)
             target = clusters[decision.cluster]
@@ -380,12 +384,16 @@ class PlacingMixin:
             view = clusters.get(name)
             if view is None:
                 continue
-            url, options = fence_url(view, job.job_id), view.storage_options
-            self._effect(
-                storage_lane(name),
-                f"fence-{job.job_id}-{attempt.attempt}",
-                lambda u=url, o=options: write_fence(u, o, attempt.epoch, attempt.attempt),
-            )
+            self._fence(view, job.job_id, attempt.epoch, attempt.attempt)
+
+    def _fence(self, cluster: ClusterView, job_id: str, epoch: int, attempt: int) -> None:
+        """Queue the job's fence on the cluster's storage lane: only `epoch` may commit there."""
+        url, options = fence_url(cluster, job_id), cluster.storage_options
+        self._effect(
+            storage_lane(cluster.name),
+            f"fence-{job_id}-{epoch}",
+            lambda: write_fence(url, options, epoch, attempt),
+        )
 
     def _hand_over(self, job, cluster: ClusterView, attempt: AttemptRecord) -> None:
         """Queue the submit on the cluster's lane: fence, run config, then the submit, under

@@ -36,14 +36,16 @@ def resume_job(
 ) -> JobRecord:
     """A finished job back to the queue, to continue from its latest committed checkpoint
     (which the controller copies to wherever the job is placed next)."""
-    state.update_job_config(job_id, job_record(job_id, cfg, overrides))
-    return state.transition(
-        job_id, JobState.PENDING, "resumed by the user", now, expect=set(TERMINAL)
-    )
+    with state.decision() as tx:  # the new config and the move, together or not at all
+        tx.update_job_config(job_id, job_record(job_id, cfg, overrides))
+        return tx.transition(
+            job_id, JobState.PENDING, "resumed by the user", now, expect=set(TERMINAL)
+        )
 
 
 def migrate_job(state: ControllerState, job_id: str, to: str, now: float) -> JobRecord:
     """Drain a running job and send it to cluster `to`, with its checkpoint."""
-    state.set_next_clusters(job_id, [to])
     cause = f"migration to {to} requested by the user"
-    return state.transition(job_id, JobState.DRAINING, cause, now, expect={JobState.RUNNING})
+    with state.decision() as tx:  # where it goes and the drain, together or not at all
+        tx.set_next_clusters(job_id, [to])
+        return tx.transition(job_id, JobState.DRAINING, cause, now, expect={JobState.RUNNING})

@@ -34,7 +34,7 @@ def cluster(home: Path, name: str) -> LocalCluster:
     return LocalCluster.load(home / "fleet" / "local" / f"{name}.json")
 
 
-def _cmdline(pid: int) -> list[str]:
+def cmdline(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
@@ -44,7 +44,7 @@ def _cmdline(pid: int) -> list[str]:
 def rank_pids(home: Path, name: str) -> list[int]:
     """The rank actors' processes on a local cluster (Ray titles them ray::RankActor...)."""
     pids = session_pids(cluster(home, name).session_id)
-    return [p for p in pids if any("RankActor" in a for a in _cmdline(p))]
+    return [p for p in pids if any("RankActor" in a for a in cmdline(p))]
 
 
 def driver_pids(job_id: str) -> list[int]:
@@ -54,7 +54,7 @@ def driver_pids(job_id: str) -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        argv = _cmdline(int(entry.name))
+        argv = cmdline(int(entry.name))
         if "orchestrator.runtime.driver" not in argv or "python" not in argv[0]:
             continue
         try:

@@ -23,6 +23,7 @@ from tests.e2e.faults import (
     Uninterrupted,
     assert_losses_match,
     cluster,
+    cmdline,
     driver_pids,
     last_step,
     metrics,
@@ -30,6 +31,7 @@ from tests.e2e.faults import (
     views,
 )
 from tests.e2e.test_jobs import controller_beat, job, wait_for
+from tests.secrets_scan import find_secrets, fleet_secrets, secret_files
 
 pytestmark = pytest.mark.slow
 
@@ -307,6 +309,83 @@ def test_a_lease_that_ends_without_warning_is_recovered_from(spillway, fleet_hom
     assert_losses_match(metrics(spillway, w), reference.losses(), SAME_WORLD)
 
 
+def partner_head_pids(home, *names: str) -> list[int]:
+    """The partner head's processes whose command line names one of `names` (gcs_server, the
+    dashboard): what a partition of its head, or a hang of its API, stops."""
+    pids = session_pids(cluster(home, "partner").session_id)
+    return [p for p in pids if any(n in a for a in cmdline(p) for n in names)]
+
+
+# The partition case runs longer than the others, so that its zombie still trains when the
+# fence reaches it: at about 30 steps a second, 100 steps would be over before it is lost.
+# It keeps every checkpoint: until the fence reaches it, the cut-off attempt prunes as any
+# attempt does, and would prune the step the controller recorded (docs: known gaps).
+PARTITION = ["trainer.max_steps=600", "checkpoint.keep=100"]
+
+
+@pytest.fixture(scope="module")
+def long_reference(fleet_home) -> Uninterrupted:
+    return Uninterrupted(fleet_home, 2, [*FAULT, *PARTITION])
+
+
+def test_9_a_partitioned_partner_is_fenced_and_the_job_continues_home(
+    spillway, fleet_home, long_reference
+):
+    z = start(spillway, *PARTITION, "run_name=Z", "placement.clusters=[partner,home]")
+    # Partitioned once the controller has recorded a commit of the partner's: the ones it
+    # has not seen by then are the zombie's line, never the job's.
+    wait_for(
+        lambda: any(c["cluster"] == "partner" for c in job(spillway, z)["checkpoints"]),
+        what="a commit on the partner recorded",
+        poll_s=0.2,
+    )
+    frozen = partner_head_pids(fleet_home, "gcs_server", "dashboard.py")
+    assert len(frozen) >= 2, frozen
+    cut_at = max(committed(fleet_home, "partner", z))
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        # Lost, and the next attempt placed home, while the partner's head is still stopped.
+        wait_for(lambda: len(job(spillway, z)["attempts"]) == 2, timeout_s=60, what="a move")
+        time.sleep(max(0.0, 20 - 12))  # the partition lasts 20 s in all
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    info = finish(spillway, z)
+    first, second = info["attempts"]
+    assert (first["cluster"], first["state"]) == ("partner", "LOST")
+    assert first["exit_reason"].startswith("partner unreachable: not answering"), first
+    assert (second["cluster"], second["state"]) == ("home", "SUCCEEDED")
+    # The line continued from a checkpoint committed before the partition: none of the
+    # zombie's was ever recorded, let alone loaded.
+    resumed = second["resumed_from_step"]
+    assert resumed is not None and resumed <= cut_at and resumed % 10 == 0, (resumed, cut_at)
+    on_partner = [c for c in info["checkpoints"] if c["cluster"] == "partner"]
+    assert all(c["step"] <= cut_at and c["epoch"] == 1 for c in on_partner), on_partner
+    # The zombie stopped itself at its next commit, and its cluster confirmed it ended.
+    wait_for(lambda: job(spillway, z)["attempts"][0]["released_at"], what="the zombie released")
+    logs = spillway("logs", z, "--attempt", "1")
+    assert "committing nothing: fenced" in logs.stdout, logs.stdout[-3000:]
+    assert_losses_match(metrics(spillway, z), long_reference.losses(), CROSS_WORLD)
+
+
+def test_10_a_hung_partner_api_delays_nothing_on_home(spillway, fleet_home, reference):
+    hung = partner_head_pids(fleet_home, "dashboard.py")
+    assert hung, "the partner's dashboard"
+    for pid in hung:
+        os.kill(pid, signal.SIGSTOP)  # it accepts connections and never answers
+    try:
+        h = start(spillway, "run_name=H", "placement.clusters=[home]")
+        info = finish(spillway, h)
+        # Placed, run and finished on home while every call to the partner hung.
+        assert [a["cluster"] for a in info["attempts"]] == ["home"]
+        assert all(os.path.exists(f"/proc/{pid}") for pid in hung)
+    finally:
+        for pid in hung:
+            os.kill(pid, signal.SIGCONT)
+    assert_losses_match(metrics(spillway, h), reference.losses(), SAME_WORLD)
+
+
 def test_4_kill_9_of_the_partner_head_fails_over_home(spillway, fleet_home, reference):
     p = start(spillway, "run_name=P", "placement.clusters=[partner,home]")
     wait_for(lambda: last_step(fleet_home, p) >= 15, what="P past step 15", poll_s=0.05)
@@ -323,3 +402,19 @@ def test_4_kill_9_of_the_partner_head_fails_over_home(spillway, fleet_home, refe
     lost = next(e for e in info["events"] if e["to"] == "PENDING" and e["attempt"] == 1)
     print(f"partner lost {lost['at'] - killed_at:.1f}s after its head was killed")
     assert_losses_match(metrics(spillway, p), reference.losses(), SAME_WORLD)
+
+
+def test_no_token_or_credential_lands_in_any_file(spillway, fleet_home):
+    """After the fault matrix: the fleet's tokens and the S3 keys occur in no file under the
+    state dir (runs, Ray's own logs, the controller's SQLite and WAL, checkpoints) nor in the
+    partner's bucket, except the files that hold them."""
+    secrets = fleet_secrets(fleet_home)
+    named = list(secrets)
+    assert any(k.endswith("s3 secret") for k in named) and any("ray token" in k for k in named)
+    bucket_copy = fleet_home / "bucket-copy"
+    partner = next(v for v in views(fleet_home) if v.name == "partner")
+    fs, root = open_root(partner.storage_root, partner.storage_options)
+    fs.get(root, str(bucket_copy), recursive=True)
+    assert any(bucket_copy.rglob("MANIFEST.json")), "the bucket was copied"
+    found = find_secrets([fleet_home], secrets, allowed=secret_files(fleet_home))
+    assert found == [], found

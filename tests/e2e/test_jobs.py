@@ -237,6 +237,60 @@ def test_a_job_moved_to_another_cluster_takes_its_checkpoint_along(spillway, fle
     assert migrations[0].endswith("verified")
 
 
+# The load case is 500 jobs; the suite runs fewer to stay within its time budget on two
+# cores (each real attempt costs a driver, a rank actor and torch's import). SPILLWAY_LOAD_JOBS=500
+# runs the full size; docs/benchmarks.md records that run.
+LOAD_JOBS = int(os.environ.get("SPILLWAY_LOAD_JOBS", "30"))
+
+
+def test_a_burst_of_jobs_through_a_controller_killed_twice_each_succeeds_once(spillway, fleet_home):
+    from concurrent.futures import ThreadPoolExecutor
+    from itertools import pairwise
+
+    from omegaconf import OmegaConf
+
+    from orchestrator.api.client import ApiClient, ApiError
+    from orchestrator.api.discovery import read_client_file
+    from orchestrator.config import compose_run
+
+    overrides = [*TINY, "trainer.max_steps=3", "checkpoint.every_steps=3", "resources.devices=1"]
+    cfg = OmegaConf.to_container(compose_run([f"state_dir={fleet_home}", *overrides]))
+    client = ApiClient(read_client_file(str(fleet_home)), timeout_s=60)
+    with ThreadPoolExecutor(8) as pool:  # all at once, as many clients would
+        ids = list(pool.map(lambda _: client.submit(cfg, overrides), range(LOAD_JOBS)))
+    assert len(set(ids)) == LOAD_JOBS
+
+    def done() -> int:
+        try:
+            jobs = client.jobs()
+        except ApiError:  # the controller is coming back
+            return -1
+        return sum(j["state"] == "SUCCEEDED" for j in jobs if j["job_id"] in ids)
+
+    for share in (3, 3 / 2):  # killed after a third of the jobs finished, then two thirds
+        wait_for(lambda s=share: done() >= LOAD_JOBS / s, timeout_s=60 + 6 * LOAD_JOBS)
+        old_pid, _, _ = controller_beat(fleet_home)
+        os.kill(old_pid, signal.SIGKILL)
+        wait_for(lambda p=old_pid: (b := controller_beat(fleet_home)) and b[0] != p)
+    wait_for(lambda: done() == LOAD_JOBS, timeout_s=60 + 6 * LOAD_JOBS, poll_s=2)
+
+    submitted = {}
+    for view in _views(fleet_home):
+        for sid in RayJobsBackend(view).list():
+            submitted.setdefault(sid, []).append(view.name)
+    with ControllerState.open(fleet_home / "controller.db") as state:
+        for job_id in ids:
+            attempts = state.attempts(job_id)
+            moves = [e for e in state.events(job_id) if e.kind == "state"]
+            # Exactly one success, and an unbroken chain of moves: no event lost.
+            assert [e.to_state.value for e in moves].count("SUCCEEDED") == 1, moves
+            assert all(a.from_state == b.to_state for b, a in pairwise(moves)), moves
+            # Each attempt reached one cluster once, under its own id; nothing else ran.
+            mine = sorted(sid for sid in submitted if sid.startswith(f"{job_id}-a"))
+            assert mine == sorted(a.ray_job_id for a in attempts if a.ray_job_id), (mine, attempts)
+            assert all(len(submitted[sid]) == 1 for sid in mine)
+
+
 def test_fleet_down_leaves_no_process(spillway, fleet_home):
     clusters = [cluster(fleet_home, n) for n in ("home", "partner")]
     assert spillway("fleet", "down").returncode == 0

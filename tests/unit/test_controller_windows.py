@@ -279,3 +279,19 @@ def test_a_fleet_that_cannot_be_resolved_fails_its_tick_alone(fleet, root):
 def committed_on(fleet: FakeFleet, cluster: str, job_id: str) -> list[int]:
     fs, path = open_root(checkpoints_url(fleet[cluster].view(), job_id))
     return catalog.committed_steps(fs, path)
+
+
+def test_a_migrate_refused_half_way_changes_nothing(fleet, root):
+    """resume and migrate are one transaction each: a migrate of a job that is not running
+    pins nowhere (its compare-and-set fails, and the pin written before it rolls back)."""
+    from orchestrator.controller.requests import migrate_job
+    from orchestrator.controller.state import InvalidTransition
+
+    controller = fleet.controller(root / "state")
+    try:
+        job_id = launch(controller, fleet)
+        with pytest.raises(InvalidTransition):
+            migrate_job(controller.state, job_id, "partner", fleet.clock())
+        assert controller.state.get_job(job_id).next_clusters is None
+    finally:
+        controller.close()
