@@ -377,7 +377,7 @@ class Controller(PlacingMixin, FinishingMixin):
                 fields = self._step_fields(job.job_id, current, seen.first, seen.last)
                 tx.update_attempt(job.job_id, attempt.attempt, **fields)
             if seen.commits:
-                self._record_commits(tx, job.job_id, current, cluster, seen.commits, now)
+                self._record_commits(tx, job.job_id, current, cluster, seen, now)
 
     def _request_drain(self, job, attempt, cluster: ClusterView, now: float) -> None:
         files = self._run_files(cluster, job.job_id, attempt.attempt)

@@ -11,7 +11,6 @@ from orchestrator import exit_codes
 from orchestrator.backends.base import STOPPED, JobInfo
 from orchestrator.controller.job_states import AttemptState, JobState
 from orchestrator.controller.paths import checkpoints_url, run_files
-from orchestrator.controller.records import Commit
 from orchestrator.controller.recovery import Outcome, classify, cluster_at_fault, recover
 from orchestrator.controller.requests import ACTIVE
 from orchestrator.controller.state import AttemptRecord, InvalidTransition, JobRecord
@@ -63,7 +62,7 @@ class FinishingMixin:
         with self.state.decision() as tx:
             tx.add_cost(job.job_id, fields["cost"])
             if seen is not None and seen.commits:
-                self._record_commits(tx, job.job_id, attempt, cluster, seen.commits, now)
+                self._record_commits(tx, job.job_id, attempt, cluster, seen, now)
             if outcome == Outcome.SUCCEEDED:
                 tx.update_attempt(
                     job.job_id, attempt.attempt, state=AttemptState.SUCCEEDED, **fields
@@ -199,14 +198,16 @@ class FinishingMixin:
 
     def _record_commits(
         self, tx: Transaction, job_id: str, attempt: AttemptRecord, cluster: ClusterView,
-        commits: dict[int, Commit], now: float,
+        seen, now: float,
     ) -> None:  # fmt: skip
         """Enter the attempt's own commits in the catalog, with their manifest digests; a
-        commit stamped with another epoch (a zombie's leftovers) is never entered."""
+        commit stamped with another epoch (a zombie's leftovers) is never entered. A whole
+        listing also drops what the store no longer has (pruned)."""
         latest = self.state.latest_attempt(job_id)
         if latest is None or latest.attempt != attempt.attempt:
             return  # a newer attempt exists: this one's commits are not the job's line
-        own = {s: c for s, c in commits.items() if c.epoch in (attempt.epoch, None)}
+        own = {s: c for s, c in seen.commits.items() if c.epoch in (attempt.epoch, None)}
         url = checkpoints_url(cluster, job_id)
         tx.sync_checkpoints(job_id, cluster.name, url, own, now)
-        tx.drop_checkpoints(job_id, cluster.name, list(commits))
+        if seen.listed:
+            tx.drop_checkpoints(job_id, cluster.name, list(seen.commits))

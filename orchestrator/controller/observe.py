@@ -20,6 +20,12 @@ from orchestrator.backends.base import (
     submission_id,
 )
 from orchestrator.checkpoint import catalog
+from orchestrator.checkpoint.manifest import (
+    digest_of,
+    manifest_epoch,
+    parse_manifest,
+    read_manifest_bytes,
+)
 from orchestrator.checkpoint.storage import open_root
 from orchestrator.controller.migration import committed_sizes
 from orchestrator.controller.paths import checkpoints_url, run_files
@@ -52,6 +58,7 @@ class AttemptSeen:
     # The job's committed checkpoints in this cluster's store, read when a new save shows up:
     # step -> Commit (manifest digest and epoch as found now).
     commits: dict[int, Commit] | None = None
+    listed: bool = False  # commits is the store's whole listing (else: only the newest save)
     error: str | None = None  # a call for this attempt failed (the cluster answered others)
 
 
@@ -105,13 +112,27 @@ def _observe_attempt(cluster: ClusterView, backend: ClusterBackend, w: Watched) 
         if ended:
             news["ack"] = files.drain_ack()
         saved = (news["last_save"] or {}).get("step")
-        if ended or (saved is not None and saved != w.last_save_step):
-            news["commits"] = committed(cluster, w.job_id)
+        if ended:
+            # The whole listing once it ended: what it left, and what its prunes removed.
+            news["commits"], news["listed"] = committed(cluster, w.job_id), True
+        elif saved is not None and saved != w.last_save_step:
+            # While it runs, one manifest per new save: a tick costs one read, not a listing.
+            news["commits"] = {saved: commit_of(cluster, w.job_id, saved)}
     except Exception as exc:  # noqa: BLE001 - a store hiccup: this tick has no run-file news
         log.warning(
             "job %s attempt %d: run files on %s: %s", w.job_id, w.attempt, cluster.name, exc
         )
     return AttemptSeen(info=info, known=True, **news)
+
+
+def commit_of(cluster: ClusterView, job_id: str, step: int) -> Commit:
+    """One committed checkpoint as its manifest says now: digest, epoch, bytes."""
+    fs, root = open_root(checkpoints_url(cluster, job_id), cluster.storage_options)
+    step_dir = catalog.step_dir(root, step)
+    raw = read_manifest_bytes(fs, step_dir)
+    doc = parse_manifest(step_dir, raw)
+    size = sum(f["size"] for f in doc["files"])
+    return Commit(bytes=size, digest=digest_of(raw), epoch=manifest_epoch(doc))
 
 
 def committed(cluster: ClusterView, job_id: str) -> dict[int, Commit]:

@@ -84,6 +84,15 @@ class PlacingMixin:
     def _drain(self, job: JobRecord, attempt: AttemptRecord, cause: str, now: float) -> None:
         with self.state.decision() as tx:
             self._settle(tx, job.job_id, JobState.DRAINING, cause, now, attempt.attempt)
+        self._ask_to_drain(job.job_id, attempt, now)
+
+    def _ask_to_drain(self, job_id: str, attempt: AttemptRecord, now: float) -> None:
+        """The drain request written now, not a tick later: a run of a few seconds has no
+        tick to spare. The watch asks again if this write is lost (a restart, a failure)."""
+        job = self._job(job_id)
+        cluster = self.clusters().get(attempt.cluster)
+        if job.state == JobState.DRAINING and cluster is not None:
+            self._request_drain(job, attempt, cluster, now)
 
     def _return_home(
         self, clusters: dict[str, ClusterView], verdicts: dict[str, str], now: float
@@ -120,6 +129,7 @@ class PlacingMixin:
                 # Owned first, then where it runs now, should someone take that room first.
                 tx.set_next_clusters(job.job_id, [move.to, *[c for c in accepted if c != move.to]])
                 self._settle(tx, job.job_id, JobState.DRAINING, move.cause, now, attempt.attempt)
+            self._ask_to_drain(job.job_id, attempt, now)
 
     # ---- placement ----------------------------------------------------------------------
 

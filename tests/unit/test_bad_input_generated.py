@@ -289,7 +289,7 @@ NOISE = ["data=synthetic", "run_name=generated", "trainer.log_every=5", "checkpo
 
 
 @pytest.mark.parametrize(("key", "values"), RANGES, ids=[key for key, _ in RANGES])
-@settings(max_examples=2, **SETTINGS)
+@settings(max_examples=1, **SETTINGS)
 @given(data=st.data())
 def test_numbers_out_of_range_are_refused_naming_the_key(
     setting: Setting, key: str, values: st.SearchStrategy[str], data: st.DataObject
@@ -298,7 +298,7 @@ def test_numbers_out_of_range_are_refused_naming_the_key(
 
 
 @pytest.mark.parametrize("case", OVERRIDE_CASES)
-@settings(max_examples=2, **SETTINGS)
+@settings(max_examples=1, **SETTINGS)
 @given(noise=st.lists(st.sampled_from(NOISE), unique=True), data=st.data())
 def test_broken_run_overrides_are_refused_in_one_line_before_the_controller(
     setting: Setting, case: str, noise: list[str], data: st.DataObject
@@ -552,7 +552,7 @@ def the_controllers_check(fleet: dict) -> None:
 
 
 @pytest.mark.parametrize("mutation", MUTATIONS, ids=lambda m: m.__name__)
-@settings(max_examples=2, **SETTINGS)
+@settings(max_examples=1, **SETTINGS)
 @given(data=st.data())
 def test_broken_fleet_files_are_refused_by_the_cli_and_the_controller_alike(
     setting: Setting, mutation: Mutation, data: st.DataObject

@@ -71,7 +71,7 @@ def crash_at(controller, statement: int) -> dict:
 
 
 # Every third write of a whole run: placement, submit, start, progress, the finish.
-CRASH_POINTS = range(1, 71, 3)  # a run of this job makes about 70 writes
+CRASH_POINTS = range(1, 68, 3)  # a run of this job makes 68 writes
 
 
 @pytest.mark.parametrize("statement", CRASH_POINTS)
