@@ -132,6 +132,12 @@ class Controller(PlacingMixin, FinishingMixin):
         clusters = self._stage("resolving the fleet", self.clusters)
         if clusters is None:
             return  # the fleet cannot be read this tick: decide nothing without it
+        with self.lock:
+            self._stage("finished calls", self._apply_effects)
+            # Deadlines first, on what the clusters last said: a drain before a lease ends or
+            # at a budget must not wait for this tick's observations.
+            self._stage("lease watch", self._watch_leases, clusters, now)
+            self._stage("budgets", self._watch_budgets, clusters, now)
         self._observe(clusters, now)
         with self.lock:
             self._stage("finished calls", self._apply_effects)
@@ -145,8 +151,6 @@ class Controller(PlacingMixin, FinishingMixin):
             for attempt in self.state.preparing_attempts():
                 where = f"copy for job {attempt.job_id} attempt {attempt.attempt}"
                 self._stage(where, self._advance_copy, attempt, clusters, now)
-            self._stage("lease watch", self._watch_leases, clusters, now)
-            self._stage("budgets", self._watch_budgets, clusters, now)
             self._stage("return home", self._return_home, clusters, verdicts, now)
             self._stage("placement", self._place_pending, clusters, verdicts, now)
             retention = self.fleet_cfg.get("events_retention_s", 30 * 86400.0)

@@ -139,6 +139,11 @@ class PlacingMixin:
         pending = self.state.list_jobs({JobState.PENDING})
         if not pending:
             return
+        if any(name not in self._loss for name in clusters):
+            # A cluster not yet heard from since this controller started is neither up nor
+            # down: placing now would send jobs past it. Its first word (or its first
+            # timeout) comes within a few seconds.
+            return
         snapshots = [self._snapshot(c, verdicts) for c in clusters.values()]
         decisions = place([job_request(j) for j in pending], snapshots, now)
         self._preempt(pending, snapshots, decisions, now)

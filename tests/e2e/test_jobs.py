@@ -240,7 +240,7 @@ def test_a_job_moved_to_another_cluster_takes_its_checkpoint_along(spillway, fle
 # The load case is 500 jobs; the suite runs fewer to stay within its time budget on two
 # cores (each real attempt costs a driver, a rank actor and torch's import). SPILLWAY_LOAD_JOBS=500
 # runs the full size; docs/benchmarks.md records that run.
-LOAD_JOBS = int(os.environ.get("SPILLWAY_LOAD_JOBS", "8"))
+LOAD_JOBS = int(os.environ.get("SPILLWAY_LOAD_JOBS", "6"))
 
 
 def test_a_burst_of_jobs_through_a_controller_killed_twice_each_succeeds_once(spillway, fleet_home):
