@@ -139,6 +139,10 @@ class Controller(PlacingMixin, FinishingMixin):
             self._stage("lease watch", self._watch_leases, clusters, now)
             self._stage("budgets", self._watch_budgets, clusters, now)
         self._observe(clusters, now)
+        # Read again after observing (which may wait seconds): a lease cut short meanwhile
+        # must count in this tick's decisions, not the next one's.
+        clusters = self._stage("resolving the fleet", self.clusters) or clusters
+        now = max(now, self.clock())
         with self.lock:
             self._stage("finished calls", self._apply_effects)
             verdicts = self._stage("loss detection", self._verdicts, clusters, now) or {}

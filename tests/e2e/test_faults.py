@@ -94,6 +94,7 @@ def test_1_a_planned_lease_end_moves_the_job_home_on_another_world_size(
         info = finish(spillway, j)
     finally:
         set_partner_lease_end(fleet_home, agreed)
+    assert len(info["attempts"]) == 2, [(e["kind"], e["cause"]) for e in info["events"]]
     first, second = info["attempts"]
     assert (first["cluster"], first["world_size"], first["state"]) == ("partner", 4, "DRAINED")
     assert (second["cluster"], second["world_size"], second["state"]) == ("home", 2, "SUCCEEDED")
@@ -301,6 +302,7 @@ def test_a_lease_that_ends_without_warning_is_recovered_from(spillway, fleet_hom
         info = finish(spillway, w)
     finally:
         set_partner_lease_end(fleet_home, agreed)
+    assert len(info["attempts"]) == 2, [(e["kind"], e["cause"]) for e in info["events"]]
     first, second = info["attempts"]
     assert (first["cluster"], first["state"]) == ("partner", "LOST")
     assert first["exit_reason"] == "the lease on partner ended while attempt 1 ran"
