@@ -39,6 +39,14 @@ def _placement(job: JobRecord) -> dict:
     return json.loads(job.run_config)["placement"]
 
 
+def _failed_before_start(tx, job_id: str, attempt: int, why: str, now: float) -> None:
+    """An attempt that never ran (its copy or its submit failed): ended, and its devices free
+    at once, since no cluster runs it."""
+    tx.update_attempt(
+        job_id, attempt, state=AttemptState.FAILED, ended_at=now, released_at=now, exit_reason=why
+    )
+
+
 class PlacingMixin:
     """Part of Controller (controller.py): placing, moving and submitting."""
 
@@ -297,14 +305,7 @@ class PlacingMixin:
 
     def _copy_failed(self, job, attempt, what: str, now: float) -> None:
         with self.state.decision() as tx:
-            tx.update_attempt(
-                job.job_id,
-                attempt.attempt,
-                state=AttemptState.FAILED,
-                ended_at=now,
-                released_at=now,
-                exit_reason=what,
-            )
+            _failed_before_start(tx, job.job_id, attempt.attempt, what, now)
             self._recover(tx, job, attempt, attempt.cluster, what, now, cluster_lost=False)
 
     def _start_copy(self, attempt: AttemptRecord) -> threading.Thread:
@@ -466,14 +467,7 @@ class PlacingMixin:
         if current.state not in (AttemptState.SUBMITTED,) or current.ray_job_id is not None:
             return
         with self.state.decision() as tx:
-            tx.update_attempt(
-                job.job_id,
-                attempt.attempt,
-                state=AttemptState.FAILED,
-                ended_at=now,
-                released_at=now,
-                exit_reason=why,
-            )
+            _failed_before_start(tx, job.job_id, attempt.attempt, why, now)
             self._back_off(tx, self._job(job.job_id), now)
             cause = f"submit to {cluster.name} failed: {why}"
             self._settle(tx, job.job_id, JobState.PENDING, cause, now, attempt.attempt)
