@@ -2,7 +2,7 @@
 reconcile loop through every failure window in seconds, without Ray.
 
 Only the clusters are fake. Storage is real: each cluster's storage root is a local directory,
-and a fake attempt reads its run config, writes metrics, commits and prunes checkpoints, reads
+and a fake attempt reads its run config, writes metrics, commits checkpoints, reads
 the fence and acknowledges drains through the real RunDir, catalog and fence modules, where a
 real attempt would, so the controller's observations, copies and catalogs meet real files.
 
@@ -246,9 +246,8 @@ class FakeAttempt:
             catalog.commit(fs, staging, catalog.step_dir(root, step), check_hashes=False)
             self.committed.append(step)
             self.say(f"committed checkpoint step {step}")
-            if self._fenced():  # read again before the prune, as the recipe does
-                return False
-            catalog.prune(fs, root, self.ckpt.get("keep", 2))
+            if self.ckpt.get("fence_url") is None:  # a run by hand prunes; else the controller
+                catalog.prune(fs, root, self.ckpt.get("keep", 2))
             self.run_dir.record_save(step, self.cluster.save_s)
             self._metrics.flush()
         except Exception as exc:  # storage failing under a healthy program: infrastructure

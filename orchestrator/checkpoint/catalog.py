@@ -245,12 +245,17 @@ def latest_verified(
     return None
 
 
-def prune(fs: fsspec.AbstractFileSystem, root: str, keep: int) -> list[int]:
+def prune(
+    fs: fsspec.AbstractFileSystem, root: str, keep: int, epoch: int | None = None
+) -> list[int]:
     """Keep the newest ``keep`` valid checkpoints, delete committed dirs older than them.
 
     Invalid dirs newer than the oldest kept one are left for inspection. If fewer than
     ``keep`` valid checkpoints exist nothing is deleted: we are below the retention
-    target, so nothing is surplus. Returns the deleted steps, newest first.
+    target, so nothing is surplus. ``epoch``: only checkpoints committed by that epoch count
+    as kept (the controller's retention of the current attempt's line: a zombie's newer steps
+    or a copied-in older line never stand in for the current one's). Returns the deleted
+    steps, newest first.
     """
     if keep < 1:
         # keep=0 would delete the only thing a restarted job can resume from.
@@ -264,8 +269,10 @@ def prune(fs: fsspec.AbstractFileSystem, root: str, keep: int) -> list[int]:
         try:
             # Sizes catch truncated uploads; full hashing every save would re-read
             # the whole retention window.
-            verify(fs, step_dir(root, step), check_hashes=False)
+            doc = verify(fs, step_dir(root, step), check_hashes=False)
         except CheckpointInvalid:
+            continue
+        if epoch is not None and manifest_epoch(doc) != epoch:
             continue
         kept.append(step)
         if len(kept) == keep:

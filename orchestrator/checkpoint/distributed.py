@@ -8,10 +8,11 @@ Rank 0 alone picks the checkpoint to load and tells the others, so every rank re
 step even if a listing or a verification would differ between them.
 
 Fencing: an attempt started by the controller has an epoch and a fence file (fence.py). Before
-each commit, each prune and the start-up cleanup, rank 0 reads the fence and tells the others
+each save, each commit and the start-up cleanup, rank 0 reads the fence and tells the others
 what it found; a newer epoch there means every rank raises Fenced, having written no manifest and
-deleted nothing. A checkpoint may come back from a partner, so nothing in it that this module
-reads is unpickled: RNG state is tensors (rng.py), trainer state is JSON.
+deleted nothing. Such an attempt never prunes: its controller does. A run by hand (no fence)
+prunes its own folder after each commit. A checkpoint may come back from a partner, so nothing
+in it that this module reads is unpickled: RNG state is tensors (rng.py), trainer state is JSON.
 """
 
 from __future__ import annotations
@@ -367,7 +368,7 @@ class Checkpointer:
 
     def _commit(self) -> int:
         """All ranks: gather what each wrote; rank 0 checks the fence, writes the manifest last,
-        renames, checks the fence again and prunes; every rank then hears how that went."""
+        renames, and (a run by hand) prunes; every rank then hears how that went."""
         pending, self._pending = self._pending, None
         gathered: list[list[FileEntry] | str | None] = [None] * self.world_size
         dist.all_gather_object(gathered, self._own_result(pending), group=self._ctrl)
@@ -395,7 +396,11 @@ class Checkpointer:
             log.info("committed checkpoint step %d in %.2fs", pending.step, elapsed)
             if self.on_commit is not None:
                 self.on_commit(pending.step, elapsed)
-            self._check_fence()  # a newer attempt may have begun while this one committed
+            if self.fence_url is not None:
+                # Under a controller, the controller prunes (controller/retention.py): it knows
+                # the job's epoch for certain, where a partitioned attempt that has not yet seen
+                # the fence would delete the very step the next attempt is told to resume.
+                return
             for old in catalog.prune(self.fs, self.root, self.keep):
                 log.info("pruned checkpoint step %d (keeping the last %d)", old, self.keep)
 

@@ -10,9 +10,11 @@ import logging
 from orchestrator import exit_codes
 from orchestrator.backends.base import STOPPED, JobInfo
 from orchestrator.controller.job_states import AttemptState, JobState
+from orchestrator.controller.lanes import storage_lane
 from orchestrator.controller.paths import checkpoints_url, run_files
 from orchestrator.controller.recovery import Outcome, classify, cluster_at_fault, recover
 from orchestrator.controller.requests import ACTIVE
+from orchestrator.controller.retention import prune_line
 from orchestrator.controller.state import AttemptRecord, InvalidTransition, JobRecord
 from orchestrator.controller.writes import Transaction
 from orchestrator.fleet.fleet import ClusterView
@@ -211,3 +213,24 @@ class FinishingMixin:
         tx.sync_checkpoints(job_id, cluster.name, url, own, now)
         if seen.listed:
             tx.drop_checkpoints(job_id, cluster.name, list(seen.commits))
+        if own:
+            self._retain(job_id, attempt, cluster)
+
+    def _retain(self, job_id: str, attempt: AttemptRecord, cluster: ClusterView) -> None:
+        """Prune the job's folder on `cluster` to the attempt's newest checkpoints, on the
+        cluster's storage lane (one prune at a time per job there); the catalog then forgets
+        what was deleted."""
+        keep = json.loads(self._job(job_id).run_config)["checkpoint"]["keep"]
+
+        def done(future) -> None:
+            deleted = future.result()  # a failed prune is logged; the next commit prunes again
+            if deleted:
+                with self.state.decision() as tx:
+                    tx.forget_checkpoints(job_id, cluster.name, deleted)
+
+        self._effect(
+            storage_lane(cluster.name),
+            f"prune-{job_id}",
+            lambda: prune_line(cluster, job_id, attempt.epoch, keep),
+            done,
+        )

@@ -28,6 +28,7 @@ from orchestrator.scheduling.budget import budget_cause, over_budget
 from orchestrator.scheduling.home import AwayRun, return_home_moves
 from orchestrator.scheduling.leases import OnLease, lease_drains
 from orchestrator.scheduling.preemption import Running, preemptions
+from orchestrator.scheduling.types import cluster_snapshot
 
 log = logging.getLogger("spillway.controller")
 
@@ -220,21 +221,16 @@ class PlacingMixin:
         return migration.line_sources(self.state.checkpoints(job.job_id), target.name, clusters)
 
     def _snapshot(self, cluster: ClusterView, verdicts: dict[str, str]) -> ClusterSnapshot:
-        used = self.state.devices_in_use(cluster.name)
         lease = (cluster.lease_start, cluster.lease_end)
         if cluster.kind == "leased" and None in lease:
             # A local lease whose cluster never came up has not begun: an empty window.
             lease = (0.0, 0.0)
         health = self._health(cluster.name)
-        return ClusterSnapshot(
-            name=cluster.name,
-            kind=cluster.kind,
-            device_type=cluster.device_type,
-            devices_total=cluster.devices,
-            devices_free=max(0, cluster.devices - used),
-            cost_per_device_hour=cluster.cost_per_device_hour,
-            lease_start=lease[0],
-            lease_end=lease[1],
+        return cluster_snapshot(
+            cluster.name,
+            cluster,
+            devices_used=self.state.devices_in_use(cluster.name),
+            lease=lease,
             reachable=cluster.running
             and health is not None
             and health.reachable

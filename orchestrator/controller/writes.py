@@ -350,6 +350,13 @@ class Transaction:
             (job_id, cluster, *kept),
         )
 
+    def forget_checkpoints(self, job_id: str, cluster: str, steps: list[int]) -> None:
+        """Forget the job's checkpoints at `steps` on `cluster` (the controller pruned them)."""
+        self._conn.executemany(
+            "DELETE FROM checkpoints WHERE job_id = ? AND cluster = ? AND step = ?",
+            [(job_id, cluster, step) for step in steps],
+        )
+
     @staticmethod
     def _log(
         conn: sqlite3.Connection,

@@ -13,7 +13,7 @@ from orchestrator.config.errors import ConfigError
 from orchestrator.config.validate import validate, validate_sizes
 from orchestrator.fleet.checks import validate_fleet
 from orchestrator.scheduling.policy import infeasible
-from orchestrator.scheduling.types import LEASED, ClusterSnapshot, JobRequest
+from orchestrator.scheduling.types import ClusterSnapshot, JobRequest, cluster_snapshot
 
 
 def allowed_world_sizes(cfg: DictConfig) -> list[int]:
@@ -25,19 +25,7 @@ def allowed_world_sizes(cfg: DictConfig) -> list[int]:
 
 def static_snapshots(fleet: DictConfig) -> list[ClusterSnapshot]:
     """Every cluster of the fleet whole, free and inside an endless lease."""
-    return [
-        ClusterSnapshot(
-            name=name,
-            kind=c.kind,
-            device_type=c.device_type,
-            devices_total=c.devices,
-            devices_free=c.devices,
-            cost_per_device_hour=c.cost_per_device_hour,
-            lease_start=0.0 if c.kind == LEASED else None,
-            lease_end=float("inf") if c.kind == LEASED else None,
-        )
-        for name, c in fleet.clusters.items()
-    ]
+    return [cluster_snapshot(name, c) for name, c in fleet.clusters.items()]
 
 
 def static_request(cfg: DictConfig, sizes: list[int]) -> JobRequest:

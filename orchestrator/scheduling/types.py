@@ -74,6 +74,33 @@ class ClusterSnapshot:
             )
 
 
+def cluster_snapshot(
+    name: str,
+    cluster,
+    devices_used: int = 0,
+    lease: tuple[float, float] | None = None,
+    reachable: bool = True,
+) -> ClusterSnapshot:
+    """The one way a cluster becomes the policy's input, at launch (the fleet file: whole,
+    free, inside an endless lease) and in the controller (its devices in use, its lease,
+    whether it answers). `cluster`: a fleet entry or a ClusterView (kind, device_type,
+    devices, cost_per_device_hour). `lease` is ignored for an owned cluster; a leased one
+    without it is taken as leased for ever (what launch-time checks assume)."""
+    leased = cluster.kind == LEASED
+    start, end = (lease or (0.0, float("inf"))) if leased else (None, None)
+    return ClusterSnapshot(
+        name=name,
+        kind=cluster.kind,
+        device_type=cluster.device_type,
+        devices_total=cluster.devices,
+        devices_free=max(0, cluster.devices - devices_used),
+        cost_per_device_hour=cluster.cost_per_device_hour,
+        lease_start=start,
+        lease_end=end,
+        reachable=reachable,
+    )
+
+
 @dataclass(frozen=True)
 class Placement:
     job_id: str

@@ -162,7 +162,7 @@ def test_a_partitioned_cluster_is_lost_its_zombie_fenced_and_the_line_continues(
     try:
         job_id = launch(
             controller, fleet, "trainer.max_steps=40", "checkpoint.every_steps=5",
-            "checkpoint.keep=10", "placement.clusters=[partner,home]",
+            "checkpoint.keep=2", "placement.clusters=[partner,home]",
         )  # fmt: skip
         fleet.run_until(
             controller, lambda: any(a.step >= 12 for a in fleet["partner"].attempts.values())
@@ -197,11 +197,28 @@ def test_a_partitioned_cluster_is_lost_its_zombie_fenced_and_the_line_continues(
             c.step for c in controller.state.checkpoints(job_id) if c.cluster == "partner"
         }
         assert max(partner_steps, default=0) <= 10
+        # The zombie committed on past step 10 before its fence, yet pruned nothing: the
+        # controller prunes, and keeps the step it told the next attempt to resume from.
+        fs, path = open_root(checkpoints_url(fleet["partner"].view(), job_id))
+        assert 10 in catalog.committed_steps(fs, path), catalog.committed_steps(fs, path)
         steps = [r["step"] for r in every_step_once(fleet, controller, job_id)]
         assert steps[-1] == 40
     finally:
         controller.close()
         fleet.close()
+
+
+def test_the_controller_keeps_the_attempts_newest_checkpoints_and_forgets_the_pruned(fleet, root):
+    controller = fleet.controller(root / "state")
+    try:
+        job_id = launch(controller, fleet, "trainer.max_steps=30", "checkpoint.keep=2")
+        run_checked(fleet, controller, job_id)
+        fleet.tick(controller)  # the last prune's outcome is applied on the next tick
+        fs, path = open_root(checkpoints_url(fleet["home"].view(), job_id))
+        assert catalog.committed_steps(fs, path) == [30, 25]
+        assert sorted(c.step for c in controller.state.checkpoints(job_id)) == [25, 30]
+    finally:
+        controller.close()
 
 
 def test_a_cluster_removed_from_the_fleet_loses_its_attempt_and_the_job_moves(root):

@@ -187,23 +187,44 @@ def test_save_is_refused_before_anything_is_written(tmp_path, root_url):
     assert [n for n in step_dirs(root_url) if n.startswith("step-")] == ["step-000000001"]
 
 
-def test_prune_is_refused_once_a_newer_epoch_holds_the_fence(tmp_path, root_url):
-    fence = f"{root_url}/fence.json"
-    write_fence(fence, {}, epoch=1, attempt=1)
-
-    def newer_attempt_starts(step: int, seconds: float) -> None:
-        if step == 3:  # between this commit and its prune
-            write_fence(fence, {}, epoch=2, attempt=2)
-
+def test_an_attempt_under_a_fence_never_prunes_and_a_run_by_hand_does(tmp_path, root_url):
+    # Under a controller the controller prunes: a partitioned attempt that has not seen its
+    # fence yet would otherwise delete the step the next attempt is told to resume from.
+    write_fence(f"{root_url}/fence.json", {}, epoch=1, attempt=1)
+    by_hand_url = f"{root_url}/by-hand"
     with one_rank(tmp_path):
         model, optimizer = tiny_model()
-        ckpt = attempt(root_url, 1, on_commit=newer_attempt_starts)
-        ckpt.save(1, model, optimizer, {})
-        ckpt.save(2, model, optimizer, {})
-        with pytest.raises(Fenced):
-            ckpt.save(3, model, optimizer, {})
-        ckpt.close()
-    assert committed(root_url) == [1, 2, 3]  # keep=2 would have pruned step 1
+        for ckpt in (attempt(root_url, 1), Checkpointer(by_hand_url, keep=2)):
+            for step in (1, 2, 3):
+                ckpt.save(step, model, optimizer, {})
+            ckpt.close()
+    assert committed(root_url) == [1, 2, 3]
+    assert committed(by_hand_url) == [2, 3]  # keep=2
+
+
+def test_the_controllers_prune_keeps_the_current_epochs_newest(tmp_path, root_url):
+    fence = f"{root_url}/fence.json"
+    write_fence(fence, {}, epoch=1, attempt=1)
+    with one_rank(tmp_path):
+        model, optimizer = tiny_model()
+        zombie = attempt(root_url, 1)
+        for step in (1, 2, 3, 4):
+            zombie.save(step, model, optimizer, {})
+        zombie.close()
+        write_fence(fence, {}, epoch=2, attempt=2)
+        newer = attempt(root_url, 2)  # resumed from step 2: steps 3 and 4 are the zombie's
+        newer.save(3, model, optimizer, {})
+        newer.close()
+    fs, root = storage.open_root(root_url)
+    # One checkpoint of epoch 2 is fewer than keep=2: nothing is surplus yet.
+    assert catalog.prune(fs, root, keep=2, epoch=2) == []
+    with one_rank(tmp_path):
+        newer = attempt(root_url, 2)
+        newer.save(5, model, optimizer, {})
+        newer.close()
+    # Epoch 2's 3 and 5 are kept; the zombie's 4 between them is never counted nor deleted.
+    assert catalog.prune(fs, root, keep=2, epoch=2) == [2, 1]
+    assert committed(root_url) == [3, 4, 5]
 
 
 def test_a_stale_attempt_does_not_even_clear_debris(tmp_path, root_url):
