@@ -305,6 +305,7 @@ class FakeCluster:
     storage_root: str | None = None  # a FakeFleet gives it one under its root
     device_resource: str = "spillway_device"
     mode: str | None = None  # None, "refused", "hung" or "partitioned"
+    lost_devices: int = 0  # a node gone: its probe counts this many devices fewer
     attempts: dict[str, FakeAttempt] = dataclasses.field(default_factory=dict, repr=False)
     calls: list[Call] = dataclasses.field(default_factory=list, repr=False)
 
@@ -463,7 +464,9 @@ class FakeCluster:
         if mode in ("hung", "partitioned"):
             time.sleep(self.hang_s)
             return health(False, error="unreachable: timed out", failure="timeout", refused=False)
-        return health(True, devices_used=used, devices_total=float(self.devices))
+        return health(
+            True, devices_used=used, devices_total=float(self.devices - self.lost_devices)
+        )
 
     def advance(self, before: float, now: float) -> None:
         """Run this cluster's attempts from `before` to `now`, earliest event first."""

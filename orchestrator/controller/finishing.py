@@ -45,9 +45,12 @@ class FinishingMixin:
 
     def _cluster_healthy(self, cluster: ClusterView) -> bool:
         """Checked before a failure is called the user's: the cluster answers and still has
-        all its devices (a node gone takes its devices with it)."""
-        health = self._probe_cluster(cluster)
-        return health.reachable and (health.devices_total or 0) >= cluster.devices
+        all its devices (a node gone takes its devices with it). As the observation that read
+        the attempt's end found it, probed just before: no call to the cluster on the loop."""
+        health = self._health(cluster.name)
+        if health is None or not health.reachable:
+            return False
+        return (health.devices_total or 0) >= cluster.devices
 
     def _finish(
         self, job: JobRecord, attempt: AttemptRecord, cluster: ClusterView, info: JobInfo, now

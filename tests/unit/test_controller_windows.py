@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator import exit_codes
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.storage import open_root
 from orchestrator.controller.job_states import AttemptState, JobState
@@ -217,6 +218,30 @@ def test_the_controller_keeps_the_attempts_newest_checkpoints_and_forgets_the_pr
         fs, path = open_root(checkpoints_url(fleet["home"].view(), job_id))
         assert catalog.committed_steps(fs, path) == [30, 25]
         assert sorted(c.step for c in controller.state.checkpoints(job_id)) == [25, 30]
+    finally:
+        controller.close()
+
+
+def test_a_users_exit_code_is_the_users_only_on_a_cluster_that_has_all_its_devices(fleet, root):
+    controller = fleet.controller(root / "state")
+    try:
+        healthy = launch(controller, fleet, "placement.clusters=[home]")
+        fleet["home"].fail_at(3, exit_codes.USER_ERROR, "ValueError: the user's model is wrong")
+        fleet.run_until(controller, finished(controller, healthy))
+        assert state_of(controller, healthy) == JobState.FAILED
+        assert len(controller.state.attempts(healthy)) == 1  # a user error is not retried
+
+        # The same exit while a node of the cluster is gone: the cluster's fault, retried.
+        hit = launch(controller, fleet, "placement.clusters=[home]")
+        fleet["home"].fail_at(3, exit_codes.USER_ERROR, "RuntimeError: a peer went away")
+        fleet.run_until(controller, lambda: fleet["home"].live() != [])
+        fleet["home"].lost_devices = 1
+        fleet.run_until(controller, lambda: len(controller.state.attempts(hit)) == 2, max_s=60)
+        fleet["home"].lost_devices = 0
+        run_checked(fleet, controller, hit)
+        assert state_of(controller, hit) == JobState.SUCCEEDED
+        first = controller.state.attempts(hit)[0]
+        assert first.state == AttemptState.FAILED, first
     finally:
         controller.close()
 
