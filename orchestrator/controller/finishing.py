@@ -10,7 +10,7 @@ import logging
 from orchestrator import exit_codes
 from orchestrator.backends.base import STOPPED, JobInfo
 from orchestrator.controller.job_states import AttemptState, JobState
-from orchestrator.controller.lanes import storage_lane
+from orchestrator.controller.lanes import cleanup_lane
 from orchestrator.controller.paths import checkpoints_url, run_files
 from orchestrator.controller.recovery import Outcome, classify, cluster_at_fault, recover
 from orchestrator.controller.requests import ACTIVE
@@ -221,7 +221,7 @@ class FinishingMixin:
 
     def _retain(self, job_id: str, attempt: AttemptRecord, cluster: ClusterView) -> None:
         """Prune the job's folder on `cluster` to the attempt's newest checkpoints, on the
-        cluster's storage lane (one prune at a time per job there); the catalog then forgets
+        cluster's cleanup lane (one prune at a time per job there); the catalog then forgets
         what was deleted."""
         keep = json.loads(self._job(job_id).run_config)["checkpoint"]["keep"]
 
@@ -232,7 +232,7 @@ class FinishingMixin:
                     tx.forget_checkpoints(job_id, cluster.name, deleted)
 
         self._effect(
-            storage_lane(cluster.name),
+            cleanup_lane(cluster.name),
             f"prune-{job_id}",
             lambda: prune_line(cluster, job_id, attempt.epoch, keep),
             done,

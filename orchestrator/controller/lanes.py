@@ -22,6 +22,12 @@ def storage_lane(cluster: str) -> str:
     return f"{cluster}/storage"
 
 
+def cleanup_lane(cluster: str) -> str:
+    """The lane for deleting a cluster's old checkpoints: a prune of many files on a slow
+    bucket never holds up a fence or a drain request on the storage lane."""
+    return f"{cluster}/cleanup"
+
+
 class Lanes:
     def __init__(self) -> None:
         self._pools: dict[str, ThreadPoolExecutor] = {}

@@ -4,7 +4,7 @@ An attempt under the controller never prunes its own folder: a partitioned attem
 seen its fence yet would delete the very step the next attempt is told to resume from. The
 controller knows the job's current epoch for certain, so after it records a commit of the
 current attempt it keeps that attempt's newest `checkpoint.keep` checkpoints there and deletes
-what is older. Runs on the cluster's storage lane; the catalog forgets what was deleted.
+what is older. Runs on the cluster's cleanup lane; the catalog forgets what was deleted.
 """
 
 from __future__ import annotations
