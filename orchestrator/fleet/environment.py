@@ -46,6 +46,10 @@ def cluster_env(
         # (even where --node-ip-address=127.0.0.1 says otherwise) and listens on every interface.
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         RAY_USAGE_STATS_ENABLED="0",
+        # The device counts the probe reads come from the autoscaler's summary, refreshed every
+        # 5 s by default: a node that just joined (the partner's second) was missed for 14 s
+        # after `fleet up`. Ray's own test clusters refresh it every second too.
+        AUTOSCALER_UPDATE_INTERVAL_S="1",
         TMPDIR=temp_dir,
     )
     env.update(extra or {})

@@ -293,13 +293,6 @@ def test_a_burst_of_jobs_through_a_controller_killed_twice_each_succeeds_once(sp
             assert all(len(submitted[sid]) == 1 for sid in mine)
 
 
-def test_fleet_down_leaves_no_process(spillway, fleet_home):
-    clusters = [cluster(fleet_home, n) for n in ("home", "partner")]
-    assert spillway("fleet", "down").returncode == 0
-    for c in clusters:
-        assert session_pids(c.session_id) == [], c.name
-
-
 def _views(home):
     from orchestrator.config import compose_run
     from orchestrator.fleet import fleet as fleet_mod
@@ -365,3 +358,11 @@ def test_a_wrong_token_is_refused_in_one_line(laptop: Spillway, tmp_path: Path) 
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "refused the token (401)" in lines[0], done.stderr
+
+
+def test_fleet_down_leaves_no_process(spillway, fleet_home):
+    assert spillway("fleet", "up").returncode == 0  # up already, unless this test runs alone
+    clusters = [cluster(fleet_home, n) for n in ("home", "partner")]
+    assert spillway("fleet", "down").returncode == 0
+    for c in clusters:
+        assert session_pids(c.session_id) == [], c.name

@@ -18,7 +18,7 @@ def records(home) -> dict[str, LocalCluster]:
     return {p.stem: LocalCluster.load(p) for p in sorted(fdir.glob("*.json"))}
 
 
-def test_fleet_up_status_and_down(spillway, fleet_home):
+def test_fleet_up_status_tokens_and_down(spillway, fleet_home):
     up = spillway("fleet", "up", "fleet.clusters.partner.lease_end=+10m")
     assert up.returncode == 0, up.stderr[-3000:]
     *table_rows, s3_line = up.stdout.splitlines()[1:]
@@ -54,6 +54,15 @@ def test_fleet_up_status_and_down(spillway, fleet_home):
     human = spillway("fleet", "status")
     assert human.returncode == 0 and "partner  leased  cpu     yes" in human.stdout
 
+    # Each cluster accepts only its own token.
+    home_token = (fleet_home / "fleet/local/home/token").read_text()
+    partner_token = (fleet_home / "fleet/local/partner/token").read_text()
+    for headers in ({}, {"Authorization": f"Bearer {home_token}"}):
+        with pytest.raises(Exception, match="(?i)unauthorized|authentication|401|403"):
+            JobSubmissionClient(partner.dashboard_url, headers=headers).list_jobs()
+    authorized = {"Authorization": f"Bearer {partner_token}"}
+    assert JobSubmissionClient(partner.dashboard_url, headers=authorized).list_jobs() == []
+
     down = spillway("fleet", "down")
     assert down.returncode == 0
     for cluster in (home, partner):
@@ -61,22 +70,6 @@ def test_fleet_up_status_and_down(spillway, fleet_home):
     assert records(fleet_home) == {}
     after = spillway.json("fleet", "status")
     assert [c["reachable"] for c in after["clusters"]] == [False, False]
-
-
-def test_each_cluster_accepts_only_its_own_token(spillway, fleet_home):
-    assert spillway("fleet", "up").returncode == 0
-    clusters = records(fleet_home)
-    home_token = (fleet_home / "fleet/local/home/token").read_text()
-    partner_token = (fleet_home / "fleet/local/partner/token").read_text()
-    partner_url = clusters["partner"].dashboard_url
-
-    for headers in ({}, {"Authorization": f"Bearer {home_token}"}):
-        with pytest.raises(Exception, match="(?i)unauthorized|authentication|401|403"):
-            JobSubmissionClient(partner_url, headers=headers).list_jobs()
-    client = JobSubmissionClient(partner_url, headers={"Authorization": f"Bearer {partner_token}"})
-    assert client.list_jobs() == []
-
-    assert spillway("fleet", "down").returncode == 0
 
 
 def test_bad_fleet_overrides_start_nothing(spillway, fleet_home):

@@ -34,6 +34,7 @@ def test_a_cluster_gets_what_it_needs_and_none_of_the_callers_secrets():
         "RAY_AUTH_TOKEN_PATH": "/sw/fleet/local/home/token",
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
         "RAY_USAGE_STATS_ENABLED": "0",
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
         "TMPDIR": "/sw/ray/home",
     }
 
