@@ -15,6 +15,7 @@ from orchestrator.checkpoint.storage import open_root
 from orchestrator.fleet.fleet import ClusterView
 from orchestrator.fleet.local import LocalCluster
 from orchestrator.fleet.processes import session_pids
+from orchestrator.fleet.s3server import credentials_path
 from orchestrator.rundir import RunDir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,20 +84,32 @@ def views(home: Path) -> list[ClusterView]:
     return fleet_mod.resolve(cfg.fleet, str(home))
 
 
+@functools.lru_cache(maxsize=8)
+def _stores(home: Path, credentials_mtime: int) -> list[tuple[str, dict]]:
+    return [(v.storage_root, v.storage_options) for v in views(home)]
+
+
+def stores(home: Path) -> list[tuple[str, dict]]:
+    """Each cluster's storage root and options. Composing the fleet's config costs more than
+    the reads a poll makes, so it is done once per fleet start (fresh S3 keys each time)."""
+    creds = credentials_path(home / "fleet" / "local")
+    return _stores(home, creds.stat().st_mtime_ns if creds.exists() else 0)
+
+
 def last_step(home: Path, job_id: str) -> int:
     """The newest step any attempt of the job put in its run files, on any cluster's store:
     fast enough to poll many times a second, so a fault lands where the test means it to."""
     newest = 0
-    for view in views(home):
-        root = f"{view.storage_root}/jobs/{job_id}"
-        fs, path = open_root(root, view.storage_options)
+    for storage_root, storage_options in stores(home):
+        root = f"{storage_root}/jobs/{job_id}"
+        fs, path = open_root(root, storage_options)
         fs.invalidate_cache(path)
         try:
             names = [n.rsplit("/", 1)[-1] for n in fs.ls(path, detail=False)]
         except FileNotFoundError:
             continue
         for name in (n for n in names if n.startswith("attempt-")):
-            record = RunDir(f"{root}/{name}", view.storage_options).last_metrics()
+            record = RunDir(f"{root}/{name}", storage_options).last_metrics()
             newest = max(newest, record["step"] if record else 0)
     return newest
 

@@ -30,7 +30,7 @@ from tests.e2e.faults import (
     rank_pids,
     views,
 )
-from tests.e2e.test_jobs import controller_beat, job, wait_for
+from tests.e2e.helpers import controller_beat, job, wait_for
 from tests.secrets_scan import find_secrets, fleet_secrets, secret_files
 
 pytestmark = pytest.mark.slow
@@ -95,7 +95,7 @@ def test_1_a_planned_lease_end_moves_the_job_home_on_another_world_size(
         "resources.min_devices=2",
         "placement.lease_drain_margin_s=20",
     )
-    wait_for(lambda: last_step(fleet_home, j) >= 10, what="L past step 10", poll_s=0.05)
+    wait_for(lambda: last_step(fleet_home, j) >= 10, what="L past step 10", poll_s=0.2)
     # Home's Jobs API hangs the whole time the partner drains (its dashboard accepts
     # connections and never answers): the drain on the partner is not delayed by it.
     hung = head_pids(fleet_home, "home", "dashboard.py")
@@ -144,7 +144,7 @@ def test_1_a_planned_lease_end_moves_the_job_home_on_another_world_size(
 
 def test_2_migrate_home_to_partner_and_back_loses_no_step(spillway, fleet_home, reference):
     g = start(spillway, "run_name=G", "placement.clusters=[home,partner]")
-    wait_for(lambda: last_step(fleet_home, g) >= 10, what="G past step 10", poll_s=0.05)
+    wait_for(lambda: last_step(fleet_home, g) >= 10, what="G past step 10", poll_s=0.2)
     assert spillway("migrate", g, "--to", "mars").returncode == 2
     done = spillway("migrate", g, "--to", "partner")
     assert done.returncode == 0 and "DRAINING" in done.stdout, done.stderr
@@ -155,7 +155,7 @@ def test_2_migrate_home_to_partner_and_back_loses_no_step(spillway, fleet_home, 
         return ok and attempts[0]["last_step"]
 
     drained_at = wait_for(running_there, what="G running on partner")
-    wait_for(lambda: last_step(fleet_home, g) >= drained_at + 10, what="G on", poll_s=0.05)
+    wait_for(lambda: last_step(fleet_home, g) >= drained_at + 10, what="G on", poll_s=0.2)
     assert spillway("migrate", g, "--to", "home").returncode == 0
     info = finish(spillway, g)
     assert [(a["cluster"], a["state"]) for a in info["attempts"]] == [
@@ -176,7 +176,7 @@ def test_2_migrate_home_to_partner_and_back_loses_no_step(spillway, fleet_home, 
 
 def test_3_kill_9_of_a_rank_restarts_it_from_the_last_checkpoint(spillway, fleet_home, reference):
     k = start(spillway, "run_name=K", "placement.clusters=[home]", "placement.recovery=restart")
-    wait_for(lambda: last_step(fleet_home, k) >= 15, what="K past step 15", poll_s=0.05)
+    wait_for(lambda: last_step(fleet_home, k) >= 15, what="K past step 15", poll_s=0.2)
     victim = rank_pids(fleet_home, "home")[-1]
     os.kill(victim, signal.SIGKILL)
 
@@ -249,7 +249,7 @@ def test_7_a_controller_killed_mid_migration_resumes_it_and_copies_once(
     spillway, fleet_home, reference
 ):
     m = start(spillway, "run_name=M", "placement.clusters=[home]", "placement.copy_limit_mb_s=0.4")
-    wait_for(lambda: last_step(fleet_home, m) >= 25, what="M past step 25", poll_s=0.05)
+    wait_for(lambda: last_step(fleet_home, m) >= 25, what="M past step 25", poll_s=0.2)
     assert spillway("migrate", m, "--to", "partner").returncode == 0
 
     def copying() -> bool:
@@ -282,7 +282,7 @@ def test_7_a_controller_killed_mid_migration_resumes_it_and_copies_once(
 
 def test_8_sigterm_to_the_driver_drains_and_moves_the_job(spillway, fleet_home, reference):
     t = start(spillway, "run_name=T", "placement.clusters=[partner,home]")
-    wait_for(lambda: last_step(fleet_home, t) >= 15, what="T past step 15", poll_s=0.05)
+    wait_for(lambda: last_step(fleet_home, t) >= 15, what="T past step 15", poll_s=0.2)
     (driver,) = driver_pids(t)
     os.kill(driver, signal.SIGTERM)
 
@@ -298,7 +298,7 @@ def test_8_sigterm_to_the_driver_drains_and_moves_the_job(spillway, fleet_home, 
 
 def test_a_drain_not_acknowledged_in_time_is_stopped_and_recovered(spillway, fleet_home, reference):
     h = start(spillway, "run_name=H", "placement.clusters=[home]", "placement.drain_timeout_s=5")
-    wait_for(lambda: last_step(fleet_home, h) >= 15, what="H past step 15", poll_s=0.05)
+    wait_for(lambda: last_step(fleet_home, h) >= 15, what="H past step 15", poll_s=0.2)
     hung = rank_pids(fleet_home, "home")
     try:
         for pid in hung:  # hung ranks: no step boundary, so no drain, ever
@@ -318,7 +318,7 @@ def test_a_drain_not_acknowledged_in_time_is_stopped_and_recovered(spillway, fle
 
 def test_a_lease_that_ends_without_warning_is_recovered_from(spillway, fleet_home, reference):
     w = start(spillway, "run_name=W", "placement.clusters=[partner,home]")
-    wait_for(lambda: last_step(fleet_home, w) >= 15, what="W past step 15", poll_s=0.05)
+    wait_for(lambda: last_step(fleet_home, w) >= 15, what="W past step 15", poll_s=0.2)
     agreed = set_partner_lease_end(fleet_home, time.time() - 1)  # cut short, unannounced
     try:
         info = finish(spillway, w)
@@ -391,7 +391,7 @@ def test_9_a_partitioned_partner_is_fenced_and_the_job_continues_home_meanwhile(
 
 def test_4_kill_9_of_the_partner_head_fails_over_home(spillway, fleet_home, reference):
     p = start(spillway, "run_name=P", "placement.clusters=[partner,home]")
-    wait_for(lambda: last_step(fleet_home, p) >= 15, what="P past step 15", poll_s=0.05)
+    wait_for(lambda: last_step(fleet_home, p) >= 15, what="P past step 15", poll_s=0.2)
     killed_at = time.time()
     for pid in session_pids(cluster(fleet_home, "partner").session_id):
         os.kill(pid, signal.SIGKILL)
