@@ -99,6 +99,10 @@ class Controller(PlacingMixin, FinishingMixin):
         self._loss: dict[str, loss.ProbeHistory] = {}
         # Calls queued on lanes whose outcome the loop applies once they finish.
         self._effects: list[tuple[Future, Callable[[Future], None]]] = []
+        # Placement waits, this long at most after the first tick, for every cluster to
+        # answer or be declared lost (scheduling/loss.known).
+        self._started_at: float | None = None
+        self._start_hold_s = fleet_cfg.lost_after_s + OBSERVE_STALE_S
 
     def clusters(self) -> dict[str, ClusterView]:
         return {v.name: v for v in self._fleet()}
@@ -129,6 +133,8 @@ class Controller(PlacingMixin, FinishingMixin):
     # ---- the loop -----------------------------------------------------------------------
 
     def reconcile(self, now: float) -> None:
+        if self._started_at is None:
+            self._started_at = now
         clusters = self._stage("resolving the fleet", self.clusters)
         if clusters is None:
             return  # the fleet cannot be read this tick: decide nothing without it

@@ -23,7 +23,7 @@ from orchestrator.controller.paths import attempt_dir, checkpoints_url, fence_ur
 from orchestrator.controller.state import AttemptRecord, JobRecord
 from orchestrator.fleet.fleet import ClusterView
 from orchestrator.runtime.spec import AttemptSpec, attempt_run_config
-from orchestrator.scheduling import ClusterSnapshot, Placement, place
+from orchestrator.scheduling import ClusterSnapshot, Placement, loss, place, reasons
 from orchestrator.scheduling.budget import budget_cause, over_budget
 from orchestrator.scheduling.home import AwayRun, return_home_moves
 from orchestrator.scheduling.leases import OnLease, lease_drains
@@ -148,10 +148,14 @@ class PlacingMixin:
         pending = self.state.list_jobs({JobState.PENDING})
         if not pending:
             return
-        if any(name not in self._loss for name in clusters):
-            # A cluster not yet heard from since this controller started is neither up nor
-            # down: placing now would send jobs past it. Its first word (or its first
-            # timeout) comes within a few seconds.
+        unknown = [n for n in clusters if not loss.known(self._loss.get(n), verdicts.get(n))]
+        if unknown and now - self._started_at < self._start_hold_s:
+            # Not yet answered nor lost since this controller started: neither up nor down.
+            # Placing now would send jobs past it; it answers or is lost within lost_after_s.
+            why = reasons.not_heard_from(sorted(unknown))
+            with self.state.decision() as tx:
+                for job in pending:
+                    tx.set_reason(job.job_id, why, now)
             return
         snapshots = [self._snapshot(c, verdicts) for c in clusters.values()]
         decisions = place([job_request(j) for j in pending], snapshots, now)

@@ -99,3 +99,13 @@ _HOW = {
     TIMEOUT: "not answering (timeouts)",
     ERROR: "answering with errors",
 }
+
+
+def known(history: ProbeHistory | None, verdict_now: Verdict) -> bool:
+    """Whether the controller knows a cluster well enough to place jobs past it: it has
+    answered since the controller started, or it has been declared lost. A cluster whose
+    first probes failed is neither up nor down yet (a head still starting, a probe timed out
+    under load): placing then would send jobs that prefer it elsewhere for good."""
+    if history is None:
+        return False
+    return history.last_ok_at is not None or verdict_now == LOST

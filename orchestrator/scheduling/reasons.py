@@ -32,6 +32,12 @@ class Refusal:
     detail: Detail = field(default_factory=dict)
 
 
+def not_heard_from(names: Sequence[str]) -> str:
+    """Why nothing is placed in the controller's first seconds: a cluster has neither answered
+    nor been declared lost since it started."""
+    return f"waiting for the first answer of {', '.join(names)} (the controller just started)"
+
+
 def unreachable(cluster: ClusterSnapshot) -> Refusal:
     return Refusal(UNUSABLE, f"{cluster.name}: unreachable")
 

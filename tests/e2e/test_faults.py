@@ -100,22 +100,23 @@ def test_1_a_planned_lease_end_moves_the_job_home_on_another_world_size(
     # connections and never answers): the drain on the partner is not delayed by it.
     hung = head_pids(fleet_home, "home", "dashboard.py")
     assert hung, "home's dashboard"
+    assert job(spillway, j)["attempts"][0]["cluster"] == "partner"
     agreed = set_partner_lease_end(fleet_home, time.time() + 21)  # announced: 21 s to go
-    for pid in hung:
-        os.kill(pid, signal.SIGSTOP)
     try:
-        wait_for(
-            lambda: job(spillway, j)["attempts"][0]["state"] == "DRAINED",
-            timeout_s=21,
-            what="the drain on the partner, before its lease ends",
-        )
-    finally:
         for pid in hung:
-            os.kill(pid, signal.SIGCONT)
-    try:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_for(
+                lambda: job(spillway, j)["attempts"][0]["state"] == "DRAINED",
+                timeout_s=21,
+                what="the drain on the partner, before its lease ends",
+            )
+        finally:
+            for pid in hung:
+                os.kill(pid, signal.SIGCONT)
         info = finish(spillway, j)
     finally:
-        set_partner_lease_end(fleet_home, agreed)
+        set_partner_lease_end(fleet_home, agreed)  # the cases after this one need the lease
     assert len(info["attempts"]) == 2, [(e["kind"], e["cause"]) for e in info["events"]]
     first, second = info["attempts"]
     assert (first["cluster"], first["world_size"], first["state"]) == ("partner", 4, "DRAINED")

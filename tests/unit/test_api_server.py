@@ -100,7 +100,9 @@ def test_launch_list_get_and_the_wake(client: ApiClient, run_config: dict) -> No
     while client.job(job_id)["reason"] == "submitted" and time.monotonic() < deadline:
         time.sleep(0.05)
     assert client.job(job_id)["reason"] != "submitted", "the launch did not wake the loop"
-    assert "unreachable" in client.job(job_id)["reason"]
+    # Its clusters do not exist: not yet heard from, or (5 s of refused probes on) lost.
+    reason = client.job(job_id)["reason"]
+    assert "unreachable" in reason or reason.startswith("waiting for the first answer of"), reason
 
 
 def test_the_stored_run_config_is_pinned_to_the_controllers_fleet(

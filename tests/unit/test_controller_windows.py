@@ -214,10 +214,13 @@ def test_the_controller_keeps_the_attempts_newest_checkpoints_and_forgets_the_pr
     try:
         job_id = launch(controller, fleet, "trainer.max_steps=30", "checkpoint.keep=2")
         run_checked(fleet, controller, job_id)
-        fleet.tick(controller)  # the last prune's outcome is applied on the next tick
         fs, path = open_root(checkpoints_url(fleet["home"].view(), job_id))
-        assert catalog.committed_steps(fs, path) == [30, 25]
-        assert sorted(c.step for c in controller.state.checkpoints(job_id)) == [25, 30]
+
+        def pruned() -> bool:  # the last prune runs on its lane; a later tick applies it
+            recorded = sorted(c.step for c in controller.state.checkpoints(job_id))
+            return catalog.committed_steps(fs, path) == [30, 25] and recorded == [25, 30]
+
+        fleet.run_until(controller, pruned, max_s=10)
     finally:
         controller.close()
 
@@ -244,6 +247,28 @@ def test_a_users_exit_code_is_the_users_only_on_a_cluster_that_has_all_its_devic
         assert first.state == AttemptState.FAILED, first
     finally:
         controller.close()
+
+
+@pytest.mark.parametrize("heals", [True, False])
+def test_placement_waits_for_a_cluster_whose_first_probes_failed_then_goes_on(root, heals):
+    fleet = two_owned(root)
+    fleet["partner"].hang()  # from the controller's start: no answer yet, not lost yet
+    controller = fleet.controller(root / "state")
+    try:
+        job_id = launch(controller, fleet, "placement.clusters=[partner,home]")
+        for _ in range(4):
+            fleet.tick(controller)
+        assert controller.state.attempts(job_id) == []  # not sent past it while it is unknown
+        if heals:
+            fleet["partner"].heal()
+            time.sleep(fleet["partner"].hang_s + 0.1)  # the probe that hung in real time
+        fleet.run_until(controller, lambda: controller.state.attempts(job_id), max_s=30)
+        placed = controller.state.attempts(job_id)[0]
+        # Answered: the job goes where it prefers. Never answered: lost, so the next one.
+        assert placed.cluster == ("partner" if heals else "home"), placed
+    finally:
+        controller.close()
+        fleet.close()
 
 
 def test_a_cluster_removed_from_the_fleet_loses_its_attempt_and_the_job_moves(root):
