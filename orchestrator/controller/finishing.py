@@ -28,6 +28,16 @@ def _placement(job: JobRecord) -> dict:
     return json.loads(job.run_config)["placement"]
 
 
+def unloadable_step(attempt: AttemptRecord, message: str | None) -> int | None:
+    """The step an attempt was told to resume from, if it ended before its first step saying
+    that checkpoint does not verify (catalog.require_step's words); None otherwise."""
+    step = attempt.resumed_from_step
+    if step is None or attempt.first_step_at is not None or not message:
+        return None
+    said = f"checkpoint step {step} in "
+    return step if said in message and "does not verify" in message else None
+
+
 class FinishingMixin:
     """Part of Controller (controller.py): ending attempts and recovering their jobs."""
 
@@ -121,6 +131,14 @@ class FinishingMixin:
                     f"{where} {info.status.lower()}{at} "
                     f"(exit code {code}{', ' + meaning if meaning else ''})"
                 )
+                bad = unloadable_step(attempt, info.message)
+                if bad is not None:
+                    # Its pinned step did not verify there: the next attempt must not be told
+                    # it again, or every restart fails the same way while an older one is good.
+                    tx.forget_checkpoints(job.job_id, cluster.name, [bad])
+                    what += (
+                        f"; checkpoint step {bad} on {cluster.name} does not verify, passed over"
+                    )
                 # A cluster whose environment cannot run Spillway is left as if lost.
                 self._recover(tx, job, attempt, cluster.name, what, now, cluster_at_fault(outcome))
 

@@ -271,6 +271,33 @@ def test_placement_waits_for_a_cluster_whose_first_probes_failed_then_goes_on(ro
         fleet.close()
 
 
+def test_a_restart_told_a_step_that_does_not_verify_passes_it_over_next_time(fleet, root):
+    controller = fleet.controller(root / "state")
+    try:
+        job_id = launch(
+            controller, fleet, "trainer.max_steps=20", "placement.clusters=[home]",
+            "placement.recovery=restart",
+        )  # fmt: skip
+        fleet.run_until(controller, lambda: any(a.step >= 12 for a in fleet["home"].live()))
+        fs, path = open_root(checkpoints_url(fleet["home"].view(), job_id))
+        weights = f"{catalog.step_dir(path, 10)}/model.bin"
+        data = bytearray(fs.cat_file(weights))
+        data[3] ^= 0xFF  # same size: only its sha256 tells
+        fs.pipe_file(weights, bytes(data))
+        fleet["home"].die()
+        run_checked(fleet, controller, job_id)
+        assert state_of(controller, job_id) == JobState.SUCCEEDED
+        killed, refused, last = controller.state.attempts(job_id)
+        assert refused.resumed_from_step == 10 and "does not verify" in refused.exit_reason
+        assert last.resumed_from_step == 5, last  # the one before it, not step 10 again
+        assert any("checkpoint step 10 on home does not verify, passed over" in e.cause
+                   for e in controller.state.events(job_id))  # fmt: skip
+        steps = [r["step"] for r in every_step_once(fleet, controller, job_id)]
+        assert steps[-1] == 20
+    finally:
+        controller.close()
+
+
 def test_a_cluster_removed_from_the_fleet_loses_its_attempt_and_the_job_moves(root):
     fleet = two_owned(root)
     controller = fleet.controller(root / "state")
