@@ -1,9 +1,9 @@
 """The job's fence: one small file on a cluster's storage naming the newest attempt's epoch.
 
 The controller writes it (write_fence) before it starts an attempt there; rank 0 of every attempt
-reads it (read_fence) before each save and each commit (it never prunes: the controller does). An
-attempt that finds a newer epoch than its own is a zombie (its cluster was declared lost and the job moved on) and stops without
-touching the checkpoints again (Fenced). Storage is the one thing a partitioned attempt and the
+reads it (read_fence) before each save and each commit (it never prunes: the controller does).
+An attempt that finds a newer epoch than its own is a zombie (its cluster was declared lost and
+the job moved on) and stops without touching the checkpoints again (Fenced). Storage is the one thing a partitioned attempt and the
 controller still share, which is why the fence lives there and not in the controller's database.
 """
 

@@ -11,6 +11,7 @@ from orchestrator import exit_codes
 from orchestrator.backends.base import STOPPED, JobInfo
 from orchestrator.controller.job_states import AttemptState, JobState
 from orchestrator.controller.lanes import cleanup_lane
+from orchestrator.controller.observe import AttemptSeen
 from orchestrator.controller.paths import checkpoints_url, run_files
 from orchestrator.controller.recovery import Outcome, classify, cluster_at_fault, recover
 from orchestrator.controller.requests import ACTIVE
@@ -221,11 +222,11 @@ class FinishingMixin:
 
     def _record_commits(
         self, tx: Transaction, job_id: str, attempt: AttemptRecord, cluster: ClusterView,
-        seen, now: float,
+        seen: AttemptSeen, now: float,
     ) -> None:  # fmt: skip
         """Enter the attempt's own commits in the catalog, with their manifest digests; a
         commit stamped with another epoch (a zombie's leftovers) is never entered. A whole
-        listing also drops what the store no longer has (pruned)."""
+        listing also drops what the store no longer has; then the attempt's folder is pruned."""
         latest = self.state.latest_attempt(job_id)
         if latest is None or latest.attempt != attempt.attempt:
             return  # a newer attempt exists: this one's commits are not the job's line

@@ -113,7 +113,7 @@ def _observe_attempt(cluster: ClusterView, backend: ClusterBackend, w: Watched) 
             news["ack"] = files.drain_ack()
         saved = (news["last_save"] or {}).get("step")
         if ended:
-            # The whole listing once it ended: what it left, and what its prunes removed.
+            # The whole listing once it ended: what it left, and what is gone from the store.
             news["commits"], news["listed"] = committed(cluster, w.job_id), True
         elif saved is not None and saved != w.last_save_step:
             # While it runs, one manifest per new save: a tick costs one read, not a listing.

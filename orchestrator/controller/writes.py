@@ -323,13 +323,13 @@ class Transaction:
     def sync_checkpoints(
         self, job_id: str, cluster: str, url: str, found: dict[int, Commit], now: float
     ) -> None:
-        """Make the catalog of one job on one cluster match what its store holds now.
+        """Enter the commits of one job on one cluster that its store holds now.
 
         ``found`` (step -> Commit) holds only the commits the caller accepts: those of the
         job's current attempt, with the digest their manifest had when first seen. A step
         already recorded keeps its first digest and epoch (a manifest rewritten later must
-        not become the trusted one), and a verified copy stays verified; steps gone from the
-        store (pruned) are dropped."""
+        not become the trusted one), and a verified copy stays verified. Steps gone from the
+        store are dropped by drop_checkpoints (a whole listing) or forget_checkpoints."""
         conn = self._conn
         for step, commit in found.items():
             conn.execute(
@@ -340,7 +340,7 @@ class Transaction:
             )
 
     def drop_checkpoints(self, job_id: str, cluster: str, kept: list[int]) -> None:
-        """Forget the job's checkpoints on `cluster` whose step is not in `kept` (pruned)."""
+        """Forget the job's checkpoints on `cluster` whose step is not in `kept` (gone from it)."""
         # NOT IN () is not SQL, and NOT IN (NULL) matches nothing: an empty store has an
         # impossible step instead.
         kept = list(kept) or [-1]
