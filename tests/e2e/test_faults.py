@@ -187,7 +187,9 @@ def test_3_kill_9_of_a_rank_restarts_it_from_the_last_checkpoint(spillway, fleet
     assert "exit code 69" in first["exit_reason"], first["exit_reason"]  # a rank lost
     assert (second["cluster"], second["state"]) == ("home", "SUCCEEDED")
     assert info["restarts"] == 1
-    assert second["first_step"] % 10 == 1 and second["first_step"] <= first["last_step"]
+    # The kill can land just after a commit and before the next step is reported: then the
+    # restart begins right after the first attempt's last step and redoes none.
+    assert second["first_step"] % 10 == 1 and second["first_step"] <= first["last_step"] + 1
     assert second["steps_redone"] == first["last_step"] - second["first_step"] + 1
     assert second["resume_s"] > 0
     assert_losses_match(metrics(spillway, k), reference.losses(), SAME_WORLD)
