@@ -172,9 +172,10 @@ def committed_manifests(
     root: str,
     warn: Callable[[str], None] = logger.warning,
 ) -> dict[int, tuple[str, int | None]]:
-    """Each committed step -> (sha256 of its manifest's exact bytes, the committing epoch).
+    """Each committed step -> (digest of its manifest's exact bytes, the committing epoch).
 
-    What the controller records when a step is committed, to check a later copy against. Each
+    The digest is manifest.digest_of's (``"blake3:<hex>"``): what the controller records when a
+    step is committed, to check a later copy against (manifest.check_digest). Each
     manifest is read once and parsed for shape only; its files are not read here (a copy
     verifies them against the bytes whose digest was recorded). A step whose manifest is gone
     (pruned meanwhile) or does not parse is left out, with a warning for the latter.

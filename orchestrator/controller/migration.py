@@ -35,7 +35,7 @@ class Source:
     epoch: int | None = None
     # How to open url (its cluster's storage options, credentials included).
     options: dict = field(default_factory=dict, repr=False, compare=False)
-    # The sha256 of its manifest recorded when it was committed: a copy is used only if the
+    # The digest of its manifest (manifest.digest_of) recorded at commit: a copy is used only if the
     # manifest still has it (None: recorded before digests were, on an owned cluster).
     manifest_digest: str | None = None
 

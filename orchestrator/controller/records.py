@@ -93,7 +93,7 @@ class Commit:
     """One committed checkpoint as the controller accepts it from a store."""
 
     bytes: int
-    digest: str | None  # sha256 of its manifest's bytes
+    digest: str | None  # manifest.digest_of its bytes: "blake3:<hex>" (bare hex: older sha256)
     epoch: int | None  # the attempt that committed it
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 # What every rank imports: the recipe (torch, numpy), the driver (ray), the run config
 # (omegaconf; hydra-core through orchestrator.config), the run files and checkpoints
-# (fsspec), progress (tqdm), and this check (packaging).
+# (fsspec; their hashes, blake3), progress (tqdm), and this check (packaging).
 RUNTIME: tuple[str, ...] = (
     "torch>=2.11,<2.14",
     "ray[default]==2.60.*",
@@ -26,6 +26,7 @@ RUNTIME: tuple[str, ...] = (
     "tqdm>=4.66",
     "numpy>=1.26",
     "packaging>=23",
+    "blake3>=1.0",
 )
 WANDB = "wandb>=0.19"
 S3FS = "s3fs>=2024.6"

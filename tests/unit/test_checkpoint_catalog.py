@@ -8,6 +8,7 @@ import pickle
 import uuid
 from collections.abc import Iterator
 
+import blake3
 import fsspec
 import pytest
 from hypothesis import given, settings
@@ -80,7 +81,7 @@ def test_round_trip(store):
     fs, root = store
     final = _save(fs, root, 5, {"__0_0.distcp": b"abc" * 1000, "sub/deep/x.bin": b"nested"})
     doc = manifest.verify(fs, final)
-    assert doc["version"] == 1
+    assert (doc["version"], doc["algorithm"]) == (2, "blake3")
     assert doc["meta"] == {"step": 5}
     by_path = {f["path"]: f for f in doc["files"]}
     assert set(by_path) == {"__0_0.distcp", "sub/deep/x.bin"}  # nested files included
@@ -96,7 +97,9 @@ def test_hash_file_streams_in_chunks(store, monkeypatch):
     data = bytes(range(256)) * 3
     _write(fs, storage.join(root, "f"), data)
     entry = manifest.hash_file(fs, storage.join(root, "f"), "f")
-    assert entry == FileEntry("f", len(data), hashlib.sha256(data).hexdigest())
+    assert entry == FileEntry("f", len(data), blake3.blake3(data).hexdigest(), "blake3")
+    old = manifest.hash_file(fs, storage.join(root, "f"), "f", "sha256")
+    assert old == FileEntry("f", len(data), hashlib.sha256(data).hexdigest(), "sha256")
 
 
 def test_truncated_file_names_the_file(store):
@@ -117,7 +120,7 @@ def test_flipped_byte_same_size_detected_by_hash(store):
     with pytest.raises(CheckpointInvalid) as ei:
         manifest.verify(fs, final)
     assert ei.value.file == "__0_0.distcp"
-    assert "sha256" in ei.value.reason
+    assert ei.value.reason.startswith("has blake3 ")
 
 
 def test_missing_and_unparsable_manifest(store):
@@ -146,7 +149,7 @@ def test_unsafe_manifest_path_rejected(store):
     fs, root = store
     final = _save(fs, root, 2)
     doc = json.loads(fs.cat(storage.join(final, MANIFEST_NAME)))
-    doc["files"].append({"path": "../outside", "size": 0, "sha256": ""})
+    doc["files"].append({"path": "../outside", "size": 0, "blake3": ""})
     _write(fs, storage.join(final, MANIFEST_NAME), json.dumps(doc).encode())
     with pytest.raises(CheckpointInvalid, match="unsafe path"):
         manifest.verify(fs, final)
@@ -332,7 +335,7 @@ def test_build_manifest_uses_precomputed(store):
     fake = FileEntry("a", 1, "0" * 64)
     entries = manifest.build_manifest(fs, d, precomputed={"a": fake})
     assert fake in entries and len(entries) == 2
-    with pytest.raises(CheckpointInvalid, match="sha256"):
+    with pytest.raises(CheckpointInvalid, match="a has blake3"):
         manifest.verify(fs, d)
     # A rank that reports a file that never reached storage is a partial checkpoint.
     with pytest.raises(ValueError, match="missing.bin"):
@@ -348,15 +351,15 @@ def _committed_with_epoch(fs, root: str, step: int, epoch: int | None) -> str:
     return final
 
 
-def test_manifest_digest_is_the_sha256_of_its_exact_bytes(store):
+def test_manifest_digest_is_the_blake3_of_its_exact_bytes_and_says_so(store):
     fs, root = store
     final = _save(fs, root, 4)
     raw = fs.cat_file(storage.join(final, MANIFEST_NAME))
-    assert manifest.manifest_digest(fs, final) == hashlib.sha256(raw).hexdigest()
+    assert manifest.manifest_digest(fs, final) == "blake3:" + blake3.blake3(raw).hexdigest()
     # Any change to the bytes, even one that parses the same, changes the digest.
     _write(fs, storage.join(final, MANIFEST_NAME), raw + b"\n")
     manifest.verify(fs, final)
-    assert manifest.manifest_digest(fs, final) != hashlib.sha256(raw).hexdigest()
+    assert manifest.manifest_digest(fs, final) != "blake3:" + blake3.blake3(raw).hexdigest()
     fs.rm(storage.join(final, MANIFEST_NAME))
     with pytest.raises(CheckpointInvalid, match="MANIFEST.json is missing"):
         manifest.manifest_digest(fs, final)
@@ -387,7 +390,7 @@ def test_verify_checks_the_files_against_the_bytes_it_is_given(store):
     _write(fs, storage.join(final, "__0_0.distcp"), b"forged")
     manifest.build_manifest(fs, final, meta={"step": 5})  # a store rewrites its manifest
     manifest.verify(fs, final)  # what the store now says verifies...
-    with pytest.raises(CheckpointInvalid, match="__0_0.distcp has sha256"):
+    with pytest.raises(CheckpointInvalid, match="__0_0.distcp has blake3"):
         manifest.verify(fs, final, raw=honest)  # ...but not against the bytes recorded
 
 

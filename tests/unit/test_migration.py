@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from orchestrator.checkpoint import catalog, manifest, storage
 from orchestrator.controller import migration
@@ -63,7 +64,7 @@ def test_sources_newest_first_the_targets_own_copy_first_on_a_tie(tmp_path):
     save(lease, "j", 20)
     found = recorded_sources("j", [home, lease], "lease")
     assert [(s.cluster, s.step) for s in found] == [("lease", 20), ("home", 20), ("home", 10)]
-    assert all(len(s.manifest_digest) == 64 for s in found)
+    assert all(re.fullmatch(r"blake3:[0-9a-f]{64}", s.manifest_digest) for s in found)
 
 
 def test_a_manifest_rewritten_after_its_commit_was_recorded_is_refused(tmp_path):
