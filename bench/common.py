@@ -410,6 +410,58 @@ def local_s3(root: Path, bucket: str) -> Iterator[S3Server]:
             print(f"WARNING: the S3 server (session {server.session_id}) did not stop")
 
 
+# ---- the plain-copy baseline ---------------------------------------------------------------
+
+
+def plain_copy(
+    src_url: str,
+    dst_url: str,
+    step: int,
+    src_options: dict[str, Any] | None = None,
+    dst_options: dict[str, Any] | None = None,
+) -> float:
+    """Seconds to copy the files of committed ``step`` with no hashing or checks: the baseline
+    the verified copy (orchestrator.checkpoint.transfer.copy_checkpoint) is measured against.
+
+    Uses the filesystems' own copy: ``cp_file`` within one filesystem (``shutil.copyfile`` on
+    local disk, a server-side copy on object stores), ``put_file``/``get_file`` between local
+    disk and another filesystem, a plain stream otherwise. The files land in the target's
+    ``step-N.tmp/``, uncommitted; the caller deletes them.
+    """
+    import json
+
+    from orchestrator.checkpoint import catalog
+    from orchestrator.checkpoint.manifest import MANIFEST_NAME
+    from orchestrator.checkpoint.storage import join, open_root, remove_tree
+
+    fs_src, src_root = open_root(src_url, src_options)
+    fs_dst, dst_root = open_root(dst_url, dst_options)
+    src_dir = catalog.step_dir(src_root, step)
+    with fs_src.open(join(src_dir, MANIFEST_NAME), "rb") as f:
+        rels = [e["path"] for e in json.loads(f.read())["files"]] + [MANIFEST_NAME]
+    tmp = catalog.tmp_dir(dst_root, step)  # a name no store lists as a checkpoint
+    remove_tree(fs_dst, tmp)
+
+    def is_local(fs: Any) -> bool:
+        return "file" in fs.protocol or "local" in fs.protocol
+
+    began = time.perf_counter()
+    for rel in rels:
+        src, dst = join(src_dir, rel), join(tmp, rel)
+        fs_dst.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
+        if fs_src is fs_dst:
+            fs_src.cp_file(src, dst)
+        elif is_local(fs_src):
+            fs_dst.put_file(src, dst)
+        elif is_local(fs_dst):
+            fs_src.get_file(src, dst)
+        else:
+            with fs_src.open(src, "rb") as fin, fs_dst.open(dst, "wb") as fout:
+                while chunk := fin.read(8 << 20):
+                    fout.write(chunk)
+    return time.perf_counter() - began
+
+
 # ---- the bare baselines' loop --------------------------------------------------------------
 
 

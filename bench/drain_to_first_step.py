@@ -44,7 +44,7 @@ do to move the same job by hand, --repeats times, from the checkpoint the last m
 migration copied, on the store of the cluster it left (the partner's bucket in
 partner-to-home):
 
-  copy  = orchestrator.checkpoint.transfer.plain_copy of that step's objects (no hashing, not
+  copy  = common.plain_copy (bench/common.py) of that step's objects (no hashing, not
           committed) to a scratch dir on local disk;
   start = a cold `torchrun --standalone --nproc_per_node=2 -m recipes.gpt.train <the job's
           overrides> resources.devices=2 run_dir=SCRATCH checkpoint.storage=<that copy>`, from
@@ -72,7 +72,6 @@ from common import BenchError, median
 from machine import describe
 
 from orchestrator.checkpoint import catalog
-from orchestrator.checkpoint.transfer import plain_copy
 
 JOB_ENDED = {"SUCCEEDED", "FAILED", "CANCELLED"}
 ATTEMPT_RUNS = {"RUNNING", "SUBMITTED"}
@@ -266,7 +265,7 @@ def by_hand(a: argparse.Namespace, job: Job, measured: list[dict], overrides: li
     base = []
     for r in range(a.repeats):
         dst = scratch / f"ckpt-{r}"
-        copy_s = plain_copy(src, str(dst), step, src_options=options)
+        copy_s = common.plain_copy(src, str(dst), step, src_options=options)
         # The plain copy lands in step-N.tmp/; a person's copy is their checkpoint: name it so.
         os.rename(catalog.tmp_dir(str(dst), step), catalog.step_dir(str(dst), step))
         start_s, first, cmd = torchrun_to_first_step(a, overrides, scratch / f"run-{r}", dst)

@@ -13,14 +13,15 @@ starts it for the partner; its own process and session, stopped by its PIDs at t
 in place under step-N/ with the manifest last, as a partner's save commits. Then, rotating the
 order each rep, it copies that step to a new root on local disk with
 
-  copy:   orchestrator.checkpoint.transfer.copy_checkpoint: chunks read, sha256 computed on a
-          second thread while the chunk is written, checked against the manifest, manifest
-          last, committed;
-  plain:  orchestrator.checkpoint.transfer.plain_copy of the same files: the filesystem's own
+  copy:   orchestrator.checkpoint.transfer.copy_checkpoint: BLAKE3 (the manifest's algorithm)
+          computed on a second thread while the chunk is written (disk to disk: copied in the
+          kernel, and what landed read back and hashed), checked against the manifest,
+          manifest last, committed;
+  plain:  common.plain_copy (bench/common.py) of the same files: the filesystem's own
           copy (shutil.copyfile, i.e. sendfile in the kernel, disk to disk; s3fs get_file,
           bucket to disk); no hashing, not committed;
   serial: (with --serial) copy_checkpoint with the hash computed inline on the copying thread
-          instead, i.e. without the overlap, to show what the hash thread buys.
+          instead, streamed, i.e. without the overlap or the kernel copy.
 
 Before every timed copy the previous target is deleted and ``os.sync()`` flushes dirty pages.
 A disk source stays in the page cache after the first read, so that headline times the copy
@@ -48,9 +49,9 @@ import common  # bench/common.py (this directory is on sys.path; it puts the rep
 from common import median
 from machine import CpuWatch, describe, usable_cores
 
-from orchestrator.checkpoint import catalog, manifest, storage, transfer
+from orchestrator.checkpoint import catalog, hashing, manifest, storage, transfer
 from orchestrator.checkpoint.manifest import CheckpointInvalid
-from orchestrator.checkpoint.transfer import copy_checkpoint, plain_copy
+from orchestrator.checkpoint.transfer import copy_checkpoint
 
 MB = 1e6
 MIB = 1 << 20
@@ -85,16 +86,17 @@ def build_checkpoint(root: str, shards: int, shard_mib: int, options: dict[str, 
 
 
 def _serial_copy_file(fs_src, src, fs_dst, dst, entry, src_dir, chunk_bytes, advance, hasher):
-    """transfer._copy_file without the hash thread: read, hash, write, one after the other."""
-    digest, size = hashlib.sha256(), 0
+    """transfer._copy_file without the hash thread or the kernel copy: read, hash (the entry's
+    algorithm, on this thread alone), write, one after the other."""
+    digest, size = hashing.new_hasher(entry.algorithm, 1), 0
     with fs_src.open(src, "rb") as fin, fs_dst.open(dst, "wb") as fout:
         while chunk := fin.read(chunk_bytes):
             size += len(chunk)
             digest.update(chunk)
             fout.write(chunk)
             advance(len(chunk))
-    if size != entry["size"] or digest.hexdigest() != entry["sha256"]:
-        raise CheckpointInvalid(src_dir, entry["path"], "does not match")
+    if size != entry.size or digest.hexdigest() != entry.hexdigest:
+        raise CheckpointInvalid(src_dir, entry.path, "does not match")
 
 
 def sha256_alone(root: str, chunk_bytes: int) -> float:
@@ -143,7 +145,7 @@ def measure(a: argparse.Namespace, tmp: Path) -> None:
                 shutil.rmtree(dst, ignore_errors=True)
                 os.sync()
                 if kind == "plain":
-                    seconds = plain_copy(src, str(dst), STEP, src_options=options)
+                    seconds = common.plain_copy(src, str(dst), STEP, src_options=options)
                 else:
                     transfer._copy_file = real_copy_file if kind == "copy" else _serial_copy_file
                     try:

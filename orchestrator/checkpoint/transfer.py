@@ -3,10 +3,17 @@
 The source and target are fsspec URLs and may be different filesystems (local disk on the
 source cluster, an object store or memory:// on the target). The copy goes through the same
 protocol as a save: every file listed in the source manifest is streamed into the target's
-``step-N.tmp/`` (on an object store, ``step-N/``), hashed on the fly and checked against the
-manifest as it arrives, the manifest is written last, and only then is the directory committed. A
-copy that fails, or whose bytes do not match, is never committed, so the target can only ever
-expose a checkpoint that verifies.
+``step-N.tmp/`` (on an object store, ``step-N/``), hashed on the fly with the manifest's own
+algorithm (BLAKE3, or sha256 for a manifest written before) and checked against the manifest as
+it arrives, the manifest is written last, and only then is the directory committed. A copy that
+fails, or whose bytes do not match, is never committed, so the target can only ever expose a
+checkpoint that verifies.
+
+Hashing overlaps the I/O: each chunk is hashed on a second thread while this one writes it and
+reads the next, and a BLAKE3 update spreads over the cores besides (hashing.new_hasher). On a
+local target the chunks are read into two reused buffers (fresh 8 MiB buffers cost page faults
+that showed in the copy's time); other filesystems get fresh ones, since a writer might keep a
+reference to what it was given.
 
 The source may be a partner's bucket, and a partner can rewrite a manifest to match any bytes.
 So the source manifest is read exactly once; when the caller has the digest recorded at commit
@@ -16,9 +23,10 @@ file is then checked against those same bytes, which are also the ones written t
 
 from __future__ import annotations
 
-import hashlib
-import json
+import errno
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -27,11 +35,13 @@ from typing import Any
 
 import fsspec
 
-from orchestrator.checkpoint import catalog
+from orchestrator.checkpoint import catalog, hashing
 from orchestrator.checkpoint.manifest import (
     MANIFEST_NAME,
     CheckpointInvalid,
+    FileEntry,
     check_digest,
+    entries,
     read_manifest_bytes,
     verify,
 )
@@ -74,8 +84,119 @@ def _pick_step(fs: fsspec.AbstractFileSystem, root: str, step: int | None) -> in
 
 
 def _same_files(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    key = lambda doc: sorted((f["path"], f["size"], f["sha256"]) for f in doc["files"])  # noqa: E731
-    return key(a) == key(b)
+    return sorted(entries(a), key=lambda e: e.path) == sorted(entries(b), key=lambda e: e.path)
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return "file" in fs.protocol or "local" in fs.protocol
+
+
+class _Chunks:
+    """Chunks of one source file, read ahead of the one being hashed and written.
+
+    ``reuse``: read into two buffers in turn (the caller is done with a chunk, hashed and
+    written, before asking for the one after next); otherwise each chunk is a fresh bytes."""
+
+    def __init__(self, fin: Any, chunk_bytes: int, reuse: bool) -> None:
+        self._fin, self._n = fin, chunk_bytes
+        self._bufs = [bytearray(chunk_bytes), bytearray(chunk_bytes)] if reuse else None
+        self._turn = 0
+
+    def next(self) -> bytes | memoryview:
+        if self._bufs is None:
+            return self._fin.read(self._n)
+        buf = self._bufs[self._turn]
+        self._turn ^= 1
+        got = self._fin.readinto(buf) or 0
+        return memoryview(buf)[:got]
+
+
+class _NoKernelCopy(Exception):
+    """sendfile cannot copy between these two files (raised before any byte was copied)."""
+
+
+# sendfile between two regular files: Linux only (elsewhere its target must be a socket).
+_KERNEL_COPY = sys.platform == "linux" and hasattr(os, "sendfile")
+_NO_SENDFILE = {errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOTSOCK}
+
+
+def _sendfile(fout: int, fin: int, count: int, first: bool) -> int:
+    """Up to ``count`` bytes from fin's position to fout's, in the kernel; 0 at the end."""
+    done = 0
+    while done < count:
+        try:
+            n = os.sendfile(fout, fin, None, count - done)
+        except OSError as e:
+            if first and done == 0 and e.errno in _NO_SENDFILE:
+                raise _NoKernelCopy from e
+            raise
+        if n == 0:
+            break
+        done += n
+    return done
+
+
+def _check_size(entry: FileEntry, src_dir: str, size: int) -> None:
+    if size > entry.size:
+        raise CheckpointInvalid(src_dir, entry.path, f"has more than the {entry.size} bytes listed")
+
+
+def _check_file(entry: FileEntry, src_dir: str, size: int, got: str) -> None:
+    if size != entry.size:
+        raise CheckpointInvalid(
+            src_dir, entry.path, f"has {size} bytes, manifest says {entry.size}"
+        )
+    if got != entry.hexdigest:
+        raise CheckpointInvalid(
+            src_dir, entry.path, f"has {entry.algorithm} {got}, manifest says {entry.hexdigest}"
+        )
+
+
+def _copy_local(
+    src: str,
+    dst: str,
+    entry: FileEntry,
+    src_dir: str,
+    chunk_bytes: int,
+    advance: Callable[[int], None],
+    hasher: ThreadPoolExecutor,
+) -> None:
+    """Disk to disk: each chunk is copied in the kernel (sendfile, as a plain copy is), and the
+    hash thread reads the chunk back from the target (the page cache) and hashes it while the
+    next chunk is copied: what is checked is what landed on the target."""
+    digest = hashing.new_hasher(entry.algorithm, hashing.spare_threads())
+    # One chunk hashed at a time (waited for before the next is submitted): one buffer. A file
+    # smaller than a chunk needs its size, and one byte more to tell one longer than listed.
+    buf = memoryview(bytearray(min(chunk_bytes, entry.size + 1)))
+
+    def hash_back(fd: int, offset: int, n: int) -> None:
+        while n > 0:
+            got = os.preadv(fd, [buf[:n]], offset)
+            if got == 0:
+                raise CheckpointInvalid(src_dir, entry.path, "was cut short on the target")
+            digest.update(buf[:got])
+            offset, n = offset + got, n - got
+
+    size = 0
+    pending: Future[None] | None = None
+    try:
+        # "w+b": the hash thread reads the target's bytes back through the same descriptor.
+        with open(src, "rb") as fin, open(dst, "w+b") as fout:
+            while True:
+                n = _sendfile(fout.fileno(), fin.fileno(), len(buf), first=size == 0)
+                if pending is not None:
+                    pending.result()
+                    pending = None
+                if n == 0:
+                    break
+                pending = hasher.submit(hash_back, fout.fileno(), size, n)
+                size += n
+                _check_size(entry, src_dir, size)
+                advance(n)
+    finally:
+        if pending is not None:
+            wait([pending])  # leave no hashing behind an error
+    _check_file(entry, src_dir, size, digest.hexdigest())
 
 
 def _copy_file(
@@ -83,7 +204,7 @@ def _copy_file(
     src: str,
     fs_dst: fsspec.AbstractFileSystem,
     dst: str,
-    entry: dict[str, Any],
+    entry: FileEntry,
     src_dir: str,
     chunk_bytes: int,
     advance: Callable[[int], None],
@@ -91,39 +212,41 @@ def _copy_file(
 ) -> None:
     """Stream one file in ``chunk_bytes`` pieces, hashing what is written; raise on mismatch.
 
-    sha256 runs on ``hasher``'s thread while this one writes the chunk and reads the next
-    (hashlib and file I/O both release the GIL), so hashing overlaps I/O instead of adding to
-    it. At most two chunks are held: the one being hashed and written, and the next one read.
+    The hash (``entry.algorithm``) runs on ``hasher``'s thread while this one writes the chunk
+    and reads the next (the hashers and file I/O all release the GIL), so hashing overlaps I/O
+    instead of adding to it. At most two chunks are held: the one being hashed and written, and
+    the next one read. Disk to disk, the bytes never pass through this process (_copy_local).
     """
-    rel, want_size, want_sha = entry["path"], entry["size"], entry["sha256"]
-    digest = hashlib.sha256()
+    if _KERNEL_COPY and _is_local(fs_src) and _is_local(fs_dst):
+        local_src, local_dst = fs_src._strip_protocol(src), fs_dst._strip_protocol(dst)
+        try:
+            return _copy_local(local_src, local_dst, entry, src_dir, chunk_bytes, advance, hasher)
+        except _NoKernelCopy:
+            pass  # e.g. a filesystem without sendfile support: stream it instead
+    digest = hashing.new_hasher(entry.algorithm, hashing.spare_threads())
     size = 0
     pending: Future[None] | None = None
     try:
         with fs_src.open(src, "rb") as fin, fs_dst.open(dst, "wb") as fout:
+            # A file smaller than a chunk needs no more than its size, and one byte more to
+            # tell a file longer than listed.
+            chunks = _Chunks(fin, min(chunk_bytes, entry.size + 1), reuse=_is_local(fs_dst))
             while True:
-                chunk = fin.read(chunk_bytes)
+                chunk = chunks.next()
                 if pending is not None:
                     pending.result()  # updates must reach the digest in order
                     pending = None
                 if not chunk:
                     break
                 size += len(chunk)
-                if size > want_size:
-                    raise CheckpointInvalid(
-                        src_dir, rel, f"has more than the {want_size} bytes listed"
-                    )
+                _check_size(entry, src_dir, size)
                 pending = hasher.submit(digest.update, chunk)
                 fout.write(chunk)
                 advance(len(chunk))
     finally:
         if pending is not None:
             wait([pending])  # leave no hashing behind an error
-    if size != want_size:
-        raise CheckpointInvalid(src_dir, rel, f"has {size} bytes, manifest says {want_size}")
-    got = digest.hexdigest()
-    if got != want_sha:
-        raise CheckpointInvalid(src_dir, rel, f"has sha256 {got}, manifest says {want_sha}")
+    _check_file(entry, src_dir, size, digest.hexdigest())
 
 
 def _copy_once(
@@ -142,15 +265,15 @@ def _copy_once(
     remove_tree(fs_dst, tmp)  # a stale tmp from a crashed copy or save would be mixed in
     fs_dst.makedirs(tmp, exist_ok=True)
     made = {tmp}
-    for entry in doc["files"]:
-        dst = join(tmp, entry["path"])
+    for entry in entries(doc):
+        dst = join(tmp, entry.path)
         parent = dst.rsplit("/", 1)[0]
         if parent not in made:
             fs_dst.makedirs(parent, exist_ok=True)  # local disk needs parents; stores ignore it
             made.add(parent)
         _copy_file(
             fs_src,
-            join(src_dir, entry["path"]),
+            join(src_dir, entry.path),
             fs_dst,
             dst,
             entry,
@@ -179,17 +302,19 @@ def copy_checkpoint(
 ) -> CopyResult:
     """Copy committed checkpoint ``step`` (default: the source's newest that verifies by size).
 
-    ``expected_manifest_digest``: the sha256 of the step's manifest recorded when it was
-    committed (manifest.manifest_digest). A source manifest with another digest raises
-    ``CheckpointInvalid`` before any other byte of the source is read, and is not retried.
+    ``expected_manifest_digest``: the digest of the step's manifest recorded when it was
+    committed (manifest.manifest_digest: ``"blake3:<hex>"``, or a bare sha256 hex as recorded
+    before digests named their algorithm). A source manifest with another digest raises
+    ``CheckpointInvalid`` before any other byte of the source is read, and is not retried; a
+    digest in neither form raises ValueError before anything is read.
 
     Returns without copying (``bytes=0``, ``attempts=0``) when the target already has the step
     committed with the same manifest and every hash verifies, so a controller that restarts
     mid-migration can simply call this again. A target step that exists but does not verify is
     replaced; one that verifies but lists other files raises ``FileExistsError``.
 
-    Each file is streamed in ``chunk_bytes`` pieces and its size and sha256 are checked against
-    the source manifest as it arrives; the target is committed with sizes-only verification
+    Each file is streamed in ``chunk_bytes`` pieces and its size and hash (by the manifest's
+    algorithm) are checked against the source manifest as it arrives; the target is committed with sizes-only verification
     because the hashes were checked on the way. A mismatch (``CheckpointInvalid``) or an I/O
     error (``OSError``) removes the target's tmp dir and restarts the whole copy, at most
     ``retries`` more times; then the error propagates and nothing is committed on the target.
@@ -208,6 +333,8 @@ def copy_checkpoint(
     if expected_manifest_digest is not None and step is None:
         # A digest is recorded for one step; "the newest" might be another one.
         raise ValueError("expected_manifest_digest needs the step it was recorded for")
+    if expected_manifest_digest is not None:
+        hashing.parse_digest(expected_manifest_digest)  # ValueError, before any read
     if chunk_bytes < 1:
         raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
     if limit_bytes_per_s is not None:
@@ -246,7 +373,9 @@ def copy_checkpoint(
             return CopyResult(step, nfiles, 0, time.perf_counter() - began, 0)
 
     tmp = catalog.prepare_staging(fs_dst, dst_root, step)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-sha256") as hasher:
+    # One hash thread: a file's updates must reach its digest in order; BLAKE3 spreads each
+    # update over the cores this thread's copying leaves (hashing.spare_threads).
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash") as hasher:
         attempt = 0
         done = 0
         attempt_began = 0.0
@@ -293,45 +422,3 @@ def copy_checkpoint(
             if progress is not None and total == 0:
                 progress(0, 0)
             return CopyResult(step, nfiles, total, time.perf_counter() - began, attempt)
-
-
-def plain_copy(
-    src_url: str,
-    dst_url: str,
-    step: int,
-    src_options: dict[str, Any] | None = None,
-    dst_options: dict[str, Any] | None = None,
-) -> float:
-    """Seconds to copy the files of committed ``step`` with no hashing or checks (a baseline).
-
-    Uses the filesystems' own copy: ``cp_file`` within one filesystem (``shutil.copyfile`` on
-    local disk, a server-side copy on object stores), ``put_file``/``get_file`` between local
-    disk and another filesystem, a plain stream otherwise. The files land in the target's
-    ``step-N.tmp/``, uncommitted; the caller deletes them.
-    """
-    fs_src, src_root = open_root(src_url, src_options)
-    fs_dst, dst_root = open_root(dst_url, dst_options)
-    src_dir = catalog.step_dir(src_root, step)
-    with fs_src.open(join(src_dir, MANIFEST_NAME), "rb") as f:
-        rels = [e["path"] for e in json.loads(f.read())["files"]] + [MANIFEST_NAME]
-    tmp = catalog.tmp_dir(dst_root, step)  # a name no store lists as a checkpoint
-    remove_tree(fs_dst, tmp)
-
-    def is_local(fs: fsspec.AbstractFileSystem) -> bool:
-        return "file" in fs.protocol or "local" in fs.protocol
-
-    began = time.perf_counter()
-    for rel in rels:
-        src, dst = join(src_dir, rel), join(tmp, rel)
-        fs_dst.makedirs(dst.rsplit("/", 1)[0], exist_ok=True)
-        if fs_src is fs_dst:
-            fs_src.cp_file(src, dst)
-        elif is_local(fs_src):
-            fs_dst.put_file(src, dst)
-        elif is_local(fs_dst):
-            fs_src.get_file(src, dst)
-        else:
-            with fs_src.open(src, "rb") as fin, fs_dst.open(dst, "wb") as fout:
-                while chunk := fin.read(8 << 20):
-                    fout.write(chunk)
-    return time.perf_counter() - began

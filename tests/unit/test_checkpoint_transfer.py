@@ -14,7 +14,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 
 from orchestrator.checkpoint import catalog, manifest, storage, transfer
 from orchestrator.checkpoint.manifest import MANIFEST_NAME, CheckpointInvalid
-from orchestrator.checkpoint.transfer import CopyResult, copy_checkpoint, plain_copy
+from orchestrator.checkpoint.transfer import CopyResult, copy_checkpoint
 
 FILES = {
     "model/__0_0.distcp": 5000,
@@ -201,7 +201,7 @@ def test_corrupt_source_fails_after_retries_and_commits_nothing(pair, monkeypatc
     )
     with pytest.raises(CheckpointInvalid) as err:
         copy_checkpoint(src, dst, 3, retries=2)
-    assert err.value.file == "model/__1_0.distcp" and "sha256" in err.value.reason
+    assert err.value.file == "model/__1_0.distcp" and "has blake3" in err.value.reason
     assert len(attempts) == 3
     _assert_nothing_committed(dst)
 
@@ -339,19 +339,6 @@ def test_files_larger_than_a_chunk_are_streamed(tapped, roots):
     _assert_committed_copy(src, dst, 1, files)
 
 
-def test_plain_copy_copies_the_same_bytes_uncommitted(pair):
-    src, dst = pair
-    files = _save(src, 10)
-    assert plain_copy(src, dst, 10) >= 0
-    fs, root = storage.open_root(dst)
-    assert catalog.committed_steps(fs, root) == []
-    tmp = catalog.tmp_dir(root, 10)
-    for rel, data in files.items():
-        with fs.open(storage.join(tmp, rel), "rb") as f:
-            assert f.read() == data
-    manifest.verify(fs, tmp, check_hashes=True)
-
-
 def test_rate_limit_holds_the_copy_to_the_cap(roots):
     src, dst = roots.make("local"), roots.make("local")
     files = _save(src, 3, {"a.bin": 40_000, "b.bin": 20_000})
@@ -413,9 +400,10 @@ def test_a_forged_checkpoint_is_refused_before_any_file_is_read(tapped, roots):
     tapped.reads = []
     with pytest.raises(CheckpointInvalid) as refused:
         copy_checkpoint(src, dst, 6, retries=2, expected_manifest_digest=recorded)
+    forged_hex, recorded_hex = forged.removeprefix("blake3:"), recorded.removeprefix("blake3:")
     assert str(refused.value) == (
-        f"step-000000006: MANIFEST.json has sha256 {forged[:12]}..., which does not match the "
-        f"digest recorded when it was committed ({recorded[:12]}...)"
+        f"step-000000006: MANIFEST.json has blake3 {forged_hex[:12]}..., which does not match "
+        f"the digest recorded when it was committed ({recorded_hex[:12]}...)"
     )
     assert tapped.reads == [], "a data file was read after the manifest was refused"
     _assert_nothing_committed(dst)
