@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 
@@ -169,7 +170,9 @@ class Transformer(nn.Module):
     def init_weights(self, seed: int | None = None) -> None:
         """(Re)initialise all parameters and rope buffers in place.
 
-        Safe after ``meta`` construction + ``to_empty``, and on FSDP2-sharded (DTensor) params.
+        Safe after ``meta`` construction + ``to_empty``, and on FSDP2-sharded (DTensor) params:
+        a sharded parameter gets exactly the values the unsharded model would have, whatever
+        the world size (see ``_normal_``), holding one full parameter at a time on its device.
         With a seed, the result depends only on the seed and the device type, and the caller's
         global RNG state is left untouched.
         """
@@ -177,15 +180,15 @@ class Transformer(nn.Module):
         # GPT-2/Llama scaling: each residual add contributes variance, so shrink the
         # projections that write into the residual stream.
         out_std = 0.02 / math.sqrt(2 * self.args.n_layers)
-        with _seeded(seed, self.tok_embeddings.weight.device):
+        with _seeded(seed, _local(self.tok_embeddings.weight).device):
             for name, module in self.named_modules():
                 if isinstance(module, nn.Linear):
                     std = out_std if name.endswith(("wo", "w2")) else 0.02
-                    nn.init.normal_(module.weight, mean=0.0, std=std)
+                    _normal_(module.weight, std=std)
                 elif isinstance(module, nn.Embedding):
-                    nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                    _normal_(module.weight, std=0.02)
                 elif isinstance(module, RMSNorm):
-                    nn.init.ones_(module.weight)
+                    _local(module.weight).fill_(1.0)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: LongTensor [B, T] -> logits [B, T, vocab_size]."""
@@ -200,6 +203,32 @@ class Transformer(nn.Module):
             else:
                 h = block(h, cos, sin)
         return self.output(self.norm(h))
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds: a DTensor's local shard (a view of FSDP2's storage)."""
+    return param.to_local() if isinstance(param, DTensor) else param
+
+
+def _normal_(param: torch.Tensor, std: float) -> None:
+    """Fill param from N(0, std) with the numbers an unsharded init draws, on any sharding.
+
+    The generator is a stream: a shard cannot skip to its own part of it (not on CPU, and the
+    CUDA kernel's per-thread layout is not a contract), so every rank draws the whole parameter
+    in the unsharded order, on the parameter's device, and keeps its own shard. Drawing one
+    parameter at a time bounds the extra memory by the largest parameter (the 8b embedding:
+    2.1 GB fp32), never the model, and needs no collective. DTensor's own sharded RNG gives
+    numbers that match no unsharded init, which exact resume on another world size needs.
+    """
+    if not isinstance(param, DTensor):
+        nn.init.normal_(param, mean=0.0, std=std)
+        return
+    local = param.to_local()
+    full = torch.empty(param.shape, dtype=local.dtype, device=local.device)
+    full.normal_(mean=0.0, std=std)
+    # src_data_rank=None: every rank slices its shard out of its own copy; nothing is sent.
+    shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    local.copy_(shard.to_local())
 
 
 @contextlib.contextmanager

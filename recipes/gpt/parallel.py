@@ -1,4 +1,4 @@
-"""Process group, device mesh and FSDP2 sharding for the GPT recipe."""
+"""Process group, device mesh, FSDP2 sharding and the sharded model's build for the GPT recipe."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from recipes.gpt.model import Transformer
+from recipes.gpt.model import ModelArgs, Transformer
 
 
 def _free_port() -> int:
@@ -47,7 +47,9 @@ def parallelize(
     activation_checkpointing: bool,
     compile_blocks: bool,
 ) -> Transformer:
-    """Shard every block and then the root; blocks first so each gathers its own params."""
+    """Shard every block and then the root; blocks first so each gathers its own params.
+
+    Works on a model built on the meta device (nothing is allocated; see ``build_model``)."""
     model.checkpoint_blocks = activation_checkpointing
     if compile_blocks:
         for block in model.layers:
@@ -59,4 +61,29 @@ def parallelize(
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def build_model(
+    args: ModelArgs,
+    mesh: DeviceMesh,
+    device: torch.device,
+    *,
+    seed: int,
+    param_dtype: str = "fp32",
+    activation_checkpointing: bool = False,
+    compile_blocks: bool = False,
+) -> Transformer:
+    """The sharded model with its initial weights, never holding the full model on a rank.
+
+    Built on the meta device, sharded there, then each rank allocates only its shards
+    (``to_empty``) and fills them. The weights are exactly those of ``Transformer(args)`` on
+    ``device`` followed by ``init_weights(seed=seed)``, for any world size (``_normal_`` in
+    model.py says how); the rope buffers, left uninitialised by ``to_empty``, are recomputed.
+    """
+    with torch.device("meta"):
+        model = Transformer(args)
+    model = parallelize(model, mesh, param_dtype, activation_checkpointing, compile_blocks)
+    model.to_empty(device=device)
+    model.init_weights(seed=seed)
     return model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from recipes.gpt.model import (
     num_params,
     precompute_rope,
 )
+from recipes.gpt.parallel import build_mesh, build_model, parallelize
+from tests.unit.single_rank import one_rank
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "orchestrator" / "conf" / "model"
 TINY = ModelArgs(
@@ -177,6 +180,45 @@ def test_meta_build_matches_direct_build() -> None:
     torch.testing.assert_close(direct.rope_sin, meta.rope_sin, rtol=0, atol=0)
     tokens = _tokens()
     torch.testing.assert_close(direct(tokens), meta(tokens))
+
+
+def _rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_8b_builds_and_shards_on_meta_without_allocating(tmp_path) -> None:
+    args = ModelArgs(**yaml.safe_load((CONF_DIR / "8b.yaml").read_text()))
+    before = _rss_bytes()
+    with torch.device("meta"):
+        model = Transformer(args)
+    with one_rank(tmp_path):
+        parallelize(model, build_mesh("cpu"), "bf16", True, False)
+        tensors = [*model.parameters(), *model.buffers()]
+        assert all(t.is_meta for t in tensors)
+        assert all(p.to_local().is_meta for p in model.parameters())  # sharded, still meta
+        # Llama-3-8B with an untied head: 8.03e9, by hand from the shapes.
+        d, hd, L, V, ffn = 4096, 128, 32, 128256, 14336
+        per_layer = 2 * d * d + 2 * d * 8 * hd + 3 * d * ffn + 2 * d
+        assert num_params(model) == 2 * V * d + L * per_layer + d == 8_030_261_248
+    # 32 GB in fp32 had it been allocated; a meta build costs only the module objects.
+    assert _rss_bytes() - before < 256 * 2**20
+
+
+@pytest.mark.parametrize("param_dtype", ["fp32", "bf16"])
+def test_meta_sharded_build_matches_eager_build_on_one_rank(tmp_path, param_dtype) -> None:
+    """The recipe's build (meta, shard, to_empty, init) gives the eager model's exact numbers;
+    2 and 3 ranks are in tests/integration/test_meta_init.py."""
+    eager = _model(seed=4)
+    with one_rank(tmp_path):
+        sharded = build_model(TINY, build_mesh("cpu"), torch.device("cpu"), seed=4,
+                              param_dtype=param_dtype)  # fmt: skip
+        for (name, pa), pb in zip(eager.named_parameters(), sharded.parameters(), strict=True):
+            torch.testing.assert_close(pb.full_tensor(), pa, rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(sharded.rope_cos, eager.rope_cos, rtol=0, atol=0)
+        torch.testing.assert_close(sharded.rope_sin, eager.rope_sin, rtol=0, atol=0)
+        if param_dtype == "fp32":
+            tokens = _tokens()
+            torch.testing.assert_close(sharded(tokens), eager(tokens), rtol=0, atol=0)
 
 
 def test_training_reduces_loss() -> None:
