@@ -30,13 +30,16 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from orchestrator.checkpoint import catalog
 from orchestrator.checkpoint.fence import Fenced, read_fence
+from orchestrator.checkpoint.hashing_writer import HashingFsspecWriter
 from orchestrator.checkpoint.manifest import CheckpointInvalid, FileEntry, build_manifest, hash_file
 from orchestrator.checkpoint.rng import capture_rng, restore_rng, rng_from_bytes, rng_to_bytes
+from orchestrator.checkpoint.staging import StagingBuffers
 from orchestrator.checkpoint.storage import join, open_root
 
 log = logging.getLogger("spillway.checkpoint")
@@ -128,7 +131,14 @@ class Checkpointer:
         # group of their own, since its collectives run on a background thread.
         self._ctrl = dist.new_group(backend="gloo", timeout=timeout)
         self._async_pg = dist.new_group(backend="gloo", timeout=timeout) if async_save else None
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash")
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-write")
+        # An async save copies the state into host buffers kept from one save to the next, and
+        # plans its write once: DCP reuses a plan that has not changed instead of gathering
+        # every rank's again. DCP keys its cached plans in class attributes: one key per
+        # Checkpointer, so two in one process (a benchmark's) never share plans.
+        self._buffers = StagingBuffers(torch.cuda.is_available()) if async_save else None
+        self._planner = DefaultSavePlanner(enable_plan_caching=True)
+        self._planner._cached_plans_key = f"spillway-{id(self)}"
         self._pending: PendingSave | None = None
         self.last_save_blocking_s = 0.0
         # Start of the last committed save to its commit, on rank 0: what a drain's save costs.
@@ -142,10 +152,15 @@ class Checkpointer:
 
         self._on_rank0(start)
 
+    @property
+    def control_group(self) -> dist.ProcessGroup:
+        """The gloo group for small control messages: the step boundary's flags use it too."""
+        return self._ctrl
+
     def _url(self, path: str) -> str:
         return self.fs.unstrip_protocol(path)
 
-    def _on_rank0(self, work: Callable[[], T]) -> T:
+    def _on_rank0(self, work: Callable[[], T], group: dist.ProcessGroup | None = None) -> T:
         """Run ``work`` on rank 0 alone and give every rank its outcome: the value it returned,
         or the same kind of error (Fenced, CheckpointNotFound, OSError), so no rank is left
         waiting in a collective for a rank 0 that has already raised."""
@@ -157,7 +172,7 @@ class Checkpointer:
             except Exception as exc:
                 error = exc
                 outcome = [_outcome_of(exc)]
-        dist.broadcast_object_list(outcome, src=0, group=self._ctrl)
+        dist.broadcast_object_list(outcome, src=0, group=group or self._ctrl)
         kind, value, message = outcome[0]
         if kind == "ok":
             return value
@@ -296,11 +311,40 @@ class Checkpointer:
     ) -> None:
         """Start a checkpoint of step; with async_save this returns once the state is staged.
 
-        Raises Fenced, writing nothing, if a newer attempt owns the storage: on an object store
-        staging clears debris in the step's dir, which may be the newer attempt's save."""
+        A sync save (the drain's) checks the fence, writes, hashes and commits before it
+        returns, and raises Fenced, writing nothing, if a newer attempt owns the storage (on an
+        object store staging clears debris in the step's dir, which may be the newer attempt's
+        save). An async save only copies the state into host buffers it keeps from save to save
+        (staging.py); the fence check, the files, DCP's write with a plan cached across saves,
+        and the hashing run on a background thread, and what they raise (Fenced included)
+        reaches every rank at the commit."""
         self.wait()  # one save in flight at a time
         began = time.perf_counter()
         tmp = catalog.staging_path(self.fs, self.root, step)
+        meta = {"step": step, "world_size": self.world_size, "saved_at": time.time(), **extra}
+        state = json.dumps(meta, indent=1).encode()
+        rng = rng_to_bytes(capture_rng())
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        sd = {"model": model_sd, "optim": optim_sd}
+        if self._buffers is not None:
+            staged = self._buffers.stage(sd)
+            hashed = self._worker.submit(self._write, step, tmp, state, rng, staged, True)
+        else:
+            hashed = Future()
+            hashed.set_result(self._write(step, tmp, state, rng, sd, False))
+        self._pending = PendingSave(step, tmp, hashed, began)
+        if not self.async_save:
+            self.wait()
+        # What the train loop waited for: staging when async, the whole commit when not.
+        self.last_save_blocking_s = time.perf_counter() - began
+
+    def _write(
+        self, step: int, tmp: str, state: bytes, rng: bytes, sd: dict, background: bool
+    ) -> list[FileEntry]:
+        """Stage step's directory (rank 0, after the fence), write every rank's files into it,
+        and return this rank's hashed entries. In the background its collectives use a group of
+        their own, never the one the train loop is using at the same time."""
+        group = self._async_pg if background else self._ctrl
 
         def stage() -> None:
             self._check_fence()
@@ -308,61 +352,59 @@ class Checkpointer:
                 catalog.remove_superseded(self.fs, self.root, step, self.epoch, warn=log.warning)
             catalog.prepare_staging(self.fs, self.root, step)
             self.fs.makedirs(tmp, exist_ok=True)
-            meta = {"step": step, "world_size": self.world_size, "saved_at": time.time(), **extra}
-            self.fs.pipe_file(join(tmp, TRAINER_STATE), json.dumps(meta, indent=1).encode())
+            self.fs.pipe_file(join(tmp, TRAINER_STATE), state)
 
-        self._on_rank0(stage)
+        self._on_rank0(stage, group=group)
         self.fs.makedirs(join(tmp, "rng"), exist_ok=True)
-        self.fs.pipe_file(join(tmp, _rng_file(self.rank)), rng_to_bytes(capture_rng()))
+        self.fs.pipe_file(join(tmp, _rng_file(self.rank)), rng)
+        # Hashes each file as DCP writes it: no rank reads its shards back (hashing_writer.py).
+        writer = HashingFsspecWriter(self._url(tmp), **self.storage_options)
+        planner = self._planner if background else None
+        dcp.save(sd, storage_writer=writer, planner=planner, process_group=group)
+        written: Future = Future()
+        written.set_result(None)
+        return self._hash_own_files(written, tmp, writer)
 
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        sd = {"model": model_sd, "optim": optim_sd}
-        writer = FsspecWriter(self._url(tmp), **self.storage_options)
-        if self.async_save:
-            written = dcp.async_save(sd, storage_writer=writer, process_group=self._async_pg)
-        else:
-            dcp.save(sd, storage_writer=writer)
-            written = Future()
-            written.set_result(None)
-        hashed = self._worker.submit(self._hash_own_files, written, tmp)
-        self._pending = PendingSave(step, tmp, hashed, began)
-        if not self.async_save:
-            self.wait()
-        # What the train loop waited for: staging when async, the whole commit when not.
-        self.last_save_blocking_s = time.perf_counter() - began
-
-    def _hash_own_files(self, written: Future, tmp: str) -> list[FileEntry]:
-        """Hash what this rank wrote (its DCP shard files and its RNG state), off the train loop."""
+    def _hash_own_files(
+        self, written: Future, tmp: str, writer: HashingFsspecWriter | None = None
+    ) -> list[FileEntry]:
+        """What this rank wrote (its DCP shard files, on the coordinator ``.metadata``, and its
+        RNG state) with sizes and hashes, off the train loop: as ``writer`` hashed them while
+        writing; a file it has no hash for (the RNG state, or all of them when DCP ran the
+        writer in another process) is read back and hashed."""
         written.result()
+        streamed = writer.entries() if writer is not None else {}
         shard_prefix = f"__{self.rank}_"
         own = [n.rsplit("/", 1)[-1] for n in self.fs.ls(tmp, detail=False)]
         own = [n for n in own if n.startswith(shard_prefix)] + [_rng_file(self.rank)]
-        return [hash_file(self.fs, join(tmp, rel), rel) for rel in own]
+        own += [rel for rel in streamed if rel not in own]  # the coordinator's .metadata
+        return [streamed.get(rel) or hash_file(self.fs, join(tmp, rel), rel) for rel in own]
 
-    def poll(self) -> int | None:
-        """At a step boundary: commit the save in flight if every rank has finished writing."""
-        if self._pending is None:
+    def writing(self) -> bool:
+        """Whether this rank is still writing (or hashing) the save in flight: its part of the
+        step boundary's one all-reduce (recipes.common.boundary)."""
+        return self._pending is not None and not self._pending.hashed.done()
+
+    def commit_if_written(self, saves_written: bool) -> int | None:
+        """At a step boundary, once every rank agreed that none is still writing: commit the
+        save in flight, if there is one. Every rank saves at the same steps, so every rank has
+        the same save in flight and all of them reach the commit's collectives together."""
+        if self._pending is None or not saves_written:
             return None
-        done = torch.tensor([int(self._pending.hashed.done())])
-        dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self._ctrl)
-        return self._commit() if done.item() else None
-
-    def any_rank(self, flag: bool) -> bool:
-        """True on every rank if it is True on any: how all ranks agree to stop at one step."""
-        vote = torch.tensor([int(flag)])
-        dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._ctrl)
-        return bool(vote.item())
+        return self._commit()
 
     def wait(self) -> int | None:
         """Block until the save in flight (if any) is committed."""
         return None if self._pending is None else self._commit()
 
-    def _own_result(self, pending: PendingSave) -> list[FileEntry] | str:
+    def _own_result(self, pending: PendingSave) -> list[FileEntry] | str | tuple[str, int]:
         """This rank's hashed files, or why it has none: every rank must reach the gather."""
         try:
             return pending.hashed.result(timeout=self.timeout_s)
         except FutureTimeout:
             return f"not written after {self.timeout_s}s (trainer.collective_timeout_s)"
+        except Fenced as exc:  # every rank heard the same verdict from rank 0
+            return ("fenced", exc.fence_epoch)
         except Exception as exc:  # reported to every rank by the gather below
             return f"{type(exc).__name__}: {exc}"
 
@@ -370,8 +412,12 @@ class Checkpointer:
         """All ranks: gather what each wrote; rank 0 checks the fence, writes the manifest last,
         renames, and (a run by hand) prunes; every rank then hears how that went."""
         pending, self._pending = self._pending, None
-        gathered: list[list[FileEntry] | str | None] = [None] * self.world_size
+        gathered: list[Any] = [None] * self.world_size
         dist.all_gather_object(gathered, self._own_result(pending), group=self._ctrl)
+        fenced = [g[1] for g in gathered if isinstance(g, tuple)]
+        if fenced:
+            # A background save found a newer epoch in the fence: it wrote and deleted nothing.
+            raise Fenced(self.epoch if self.epoch is not None else -1, fenced[0])
         failed = {r: why for r, why in enumerate(gathered) if isinstance(why, str)}
         if failed:
             # Nothing is committed: the .tmp dir stays unlisted and is removed at the next start.
@@ -408,5 +454,7 @@ class Checkpointer:
         return pending.step
 
     def close(self) -> None:
-        self.wait()
-        self._worker.shutdown()
+        try:
+            self.wait()
+        finally:
+            self._worker.shutdown()

@@ -75,7 +75,7 @@ class TrainerConfig:
     param_dtype: str = "fp32"
     activation_checkpointing: bool = False
     compile: bool = False
-    log_every: int = 10
+    log_every: int = 1
     collective_timeout_s: int = 600
 
 

@@ -40,7 +40,11 @@ def train_rank(
         cfg = OmegaConf.create(run_config)
         OmegaConf.set_struct(cfg, True)  # a key the recipe misspells fails, as it would composed
         recipe = importlib.import_module(cfg.recipe.module)
-        result = recipe.train(cfg, drain=MarkerDrain(cfg.run_dir))
+        drain = MarkerDrain(cfg.run_dir, rank)
+        try:
+            result = recipe.train(cfg, drain=drain)
+        finally:
+            drain.close()
     except (Exception, SystemExit) as exc:  # SystemExit: a recipe that stops itself with a message
         return {"step": None, "drained": False, "fenced": False, "failed": failure_report(exc)}
     # Plain values: the recipe's own result type would make the driver import the recipe

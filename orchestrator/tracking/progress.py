@@ -7,10 +7,17 @@ import sys
 
 from tqdm import tqdm
 
+# A log gets a line about this often (in steps) however often steps are logged.
+LINE_EVERY = 10
+
 
 class Progress:
-    def __init__(self, total: int, start: int, every: int, enabled: bool = True) -> None:
-        self.enabled, self.every, self.total = enabled, every, total
+    """Updated on logged steps (every ``log_every``); in a log, a line on the logged steps that
+    are multiples of LINE_EVERY rounded up to a multiple of ``log_every``, and on the last."""
+
+    def __init__(self, total: int, start: int, log_every: int, enabled: bool = True) -> None:
+        self.enabled, self.total = enabled, total
+        self.every = log_every * -(-LINE_EVERY // log_every)  # a multiple of log_every
         self.bar = None
         if enabled and sys.stderr.isatty():
             self.bar = tqdm(
@@ -21,7 +28,7 @@ class Progress:
         if not self.enabled:
             return
         if self.bar is not None:
-            self.bar.update(1)
+            self.bar.update(step - self.bar.n)  # called on logged steps only
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}")
         elif step % self.every == 0 or step == self.total:
             print(

@@ -37,10 +37,9 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, optim_cfg, max_steps: int) -
     )
 
 
-def clip_gradients(model: torch.nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm (over all shards) and return it before clipping."""
+def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm (over all shards); returns the norm before clipping, as a
+    tensor on the device, so reading it is the caller's choice of host sync."""
     params = [p for p in model.parameters() if p.grad is not None]
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if isinstance(norm, DTensor):
-        norm = norm.full_tensor()
-    return float(norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm

@@ -35,11 +35,12 @@ from orchestrator.config import ConfigError, compose_run, pick_device_type, vali
 from orchestrator.rundir import RunDir
 from orchestrator.tracking.progress import BarSafeHandler, Progress
 from orchestrator.tracking.wandb_run import WandbRun, new_run_id
+from recipes.common import boundary
 from recipes.common.drain import DRAINED_EXIT, FENCED_EXIT, Drain, SigtermDrain
 from recipes.gpt.data import BatchPlan, make_token_source, micro_batches
-from recipes.gpt.model import ModelArgs, Transformer, flops_per_token
+from recipes.gpt.model import ModelArgs, flops_per_token
 from recipes.gpt.optim import build_optimizer, clip_gradients, warmup_cosine
-from recipes.gpt.parallel import build_mesh, init_distributed, parallelize
+from recipes.gpt.parallel import build_mesh, build_model, init_distributed
 
 log = logging.getLogger("spillway.gpt")
 
@@ -62,8 +63,10 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def train_step(model, optimizer, batches, device, grad_clip: float) -> tuple[float, float]:
-    """One optimizer step over this rank's micro-batches; returns (global mean loss, grad norm)."""
+def train_step(model, optimizer, batches, device, grad_clip: float):
+    """One optimizer step over this rank's micro-batches. Returns (this rank's loss summed over
+    its micro-batches, the global gradient norm), both device tensors: the step boundary's one
+    all-reduce averages the loss over ranks, and reads it only on logged steps."""
     loss_sum = torch.zeros((), device=device)
     for i, (inputs, targets) in enumerate(batches):
         # Reduce-scatter gradients once per optimizer step, on the last micro-batch.
@@ -75,9 +78,7 @@ def train_step(model, optimizer, batches, device, grad_clip: float) -> tuple[flo
     grad_norm = clip_gradients(model, grad_clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    # FSDP averaged the gradients over ranks; average the reported loss the same way.
-    dist.all_reduce(loss_sum)
-    return loss_sum.item() / (len(batches) * dist.get_world_size()), grad_norm
+    return loss_sum, grad_norm
 
 
 # What a resume reads of the trainer state, and the JSON type each must have.
@@ -107,13 +108,17 @@ def train(cfg: DictConfig, drain: Drain | None = None) -> TrainResult:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     plan = BatchPlan.for_world(t.global_batch_size, world, t.micro_batch_size)
 
-    # The same seed on every rank builds the same full model; sharding then splits it.
+    # Built on the meta device and initialised after sharding, so no rank ever holds the full
+    # model; the weights are the same numbers for a seed on every world size (exact resume).
     args = ModelArgs(**OmegaConf.to_container(cfg.model))
-    with torch.device(device):
-        model = Transformer(args)
-    model.init_weights(seed=t.seed)
-    model = parallelize(
-        model, build_mesh(device_type), t.param_dtype, t.activation_checkpointing, t.compile
+    model = build_model(
+        args,
+        build_mesh(device_type),
+        device,
+        seed=t.seed,
+        param_dtype=t.param_dtype,
+        activation_checkpointing=t.activation_checkpointing,
+        compile_blocks=t.compile,
     )
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = warmup_cosine(optimizer, cfg.optim, t.max_steps)
@@ -182,45 +187,69 @@ def train(cfg: DictConfig, drain: Drain | None = None) -> TrainResult:
                 "config": OmegaConf.to_container(cfg),
             }
 
+        # A metrics line (and the host sync that reads the loss) every log_every steps, and on
+        # the steps the controller reads: an attempt's first, each save, and the last.
+        first_step, window_began, window_steps = step + 1, time.perf_counter(), 0
         while step < t.max_steps:
             step += 1
-            began = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
             batches = micro_batches(source, step, plan, rank)
-            loss, grad_norm = train_step(model, optimizer, batches, device, cfg.optim.grad_clip)
+            loss_sum, grad_norm = train_step(
+                model, optimizer, batches, device, cfg.optim.grad_clip
+            )
             scheduler.step()
             tokens_seen += tokens_per_step
-            elapsed = time.perf_counter() - began
-            record = {
-                "step": step,
-                "loss": loss,
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "world_size": world,
-                "tokens_seen": tokens_seen,
-                "step_time_s": elapsed,
-                "tokens_per_s": tokens_per_step / elapsed,
-                "time": time.time(),  # wall clock: when the controller saw an attempt's first step
-                # The last save's duration, so a lease is left early enough for the drain's save.
-                "checkpoint_s": ckpt.last_commit_s,
-            }
-            if peak:
-                record["mfu"] = flops_tok * tokens_per_step / elapsed / (peak * world)
-            if metrics:
-                metrics.write(record)
-                if tracker:
-                    tracker.log(record, step=step)
-            progress.update(step, loss, lr, record["tokens_per_s"])
-
+            window_steps += 1
             saved = step % cfg.checkpoint.every_steps == 0 or step in (t.max_steps, stop_at)
-            if saved:
+            logged = saved or step == first_step or step % t.log_every == 0
+            at = boundary.agree(
+                drain=drain.requested() is not None,
+                writing=ckpt.writing(),
+                loss_sum=loss_sum if logged else None,
+                loss_count=plan.accum_steps,
+                grad_norm=grad_norm,
+                control_group=ckpt.control_group,
+            )
+            if at.drain and not logged:  # the drained step is the attempt's last: record it
+                at = boundary.agree(
+                    drain=True,
+                    writing=ckpt.writing(),
+                    loss_sum=loss_sum,
+                    loss_count=plan.accum_steps,
+                    grad_norm=grad_norm,
+                )
+            if at.loss is not None:
+                now = time.perf_counter()
+                elapsed = (now - window_began) / window_steps  # the mean step since the last
+                window_began, window_steps = now, 0
+                record = {
+                    "step": step,
+                    "loss": at.loss,
+                    "lr": lr,
+                    "grad_norm": at.grad_norm,
+                    "world_size": world,
+                    "tokens_seen": tokens_seen,
+                    "step_time_s": elapsed,
+                    "tokens_per_s": tokens_per_step / elapsed,
+                    "time": time.time(),  # wall clock: when the controller saw a first step
+                    # The last save's duration, so a lease is left early enough for a drain.
+                    "checkpoint_s": ckpt.last_commit_s,
+                }
+                if peak:
+                    record["mfu"] = flops_tok * tokens_per_step / elapsed / (peak * world)
+                if metrics:
+                    metrics.write(record)
+                    if tracker:
+                        tracker.log(record, step=step)
+                progress.update(step, at.loss, lr, record["tokens_per_s"])
+
+            # The save in flight (an earlier step's) commits once every rank has written it,
+            # before this step's save starts: one save in flight at a time.
+            ckpt.commit_if_written(at.saves_written)
+            if saved or at.drain:
                 ckpt.save(step, model, optimizer, trainer_state(step, tokens_seen))
-            else:
-                ckpt.poll()
-            # Every rank agrees at this boundary, so one rank's SIGTERM drains them all.
-            if ckpt.any_rank(drain.requested() is not None):
-                if not saved:
-                    ckpt.save(step, model, optimizer, trainer_state(step, tokens_seen))
+            # Every rank agreed at this boundary, so one rank's SIGTERM drains them all.
+            if at.drain:
                 ckpt.wait()
                 if rank == 0:
                     drain.acknowledge(step)

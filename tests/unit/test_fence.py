@@ -7,13 +7,14 @@ import json
 import pickle
 import socket
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from orchestrator.checkpoint import catalog, storage
 from orchestrator.checkpoint.catalog import CheckpointNotFound
-from orchestrator.checkpoint.distributed import Checkpointer
+from orchestrator.checkpoint.distributed import Checkpointer, CheckpointSaveFailed
 from orchestrator.checkpoint.fence import Fenced, read_fence, write_fence
 from tests.unit.single_rank import one_rank, storage_root, tiny_model
 
@@ -164,6 +165,8 @@ def test_commit_is_refused_once_a_newer_epoch_holds_the_fence(tmp_path, root_url
             ckpt.save(step, model, optimizer, {})
             ckpt.wait()
         ckpt.save(3, model, optimizer, {})  # staged while this epoch still held the fence
+        while ckpt.writing():  # written in the background: the refusal here is the commit's
+            time.sleep(0.01)
         write_fence(fence, {}, epoch=2, attempt=2)
         with pytest.raises(Fenced, match="epoch 1.*epoch 2"):
             ckpt.wait()
@@ -171,6 +174,22 @@ def test_commit_is_refused_once_a_newer_epoch_holds_the_fence(tmp_path, root_url
     assert committed(root_url) == [1, 2]  # step 3 not committed, and step 1 not pruned
     staged = "step-000000003.tmp" if not root_url.startswith("memory") else "step-000000003"
     assert staged in step_dirs(root_url)  # left manifest-less: the catalog never lists it
+
+
+def test_an_async_save_checks_the_fence_in_the_background_and_writes_nothing(tmp_path, root_url):
+    fence = f"{root_url}/fence.json"
+    write_fence(fence, {}, epoch=1, attempt=1)
+    with one_rank(tmp_path):
+        model, optimizer = tiny_model()
+        ckpt = attempt(root_url, 1, async_save=True)
+        ckpt.save(1, model, optimizer, {})
+        ckpt.wait()
+        write_fence(fence, {}, epoch=2, attempt=2)
+        ckpt.save(2, model, optimizer, {})  # returns once staged: the fence is read after
+        with pytest.raises(Fenced, match="epoch 1.*epoch 2"):
+            ckpt.wait()
+        ckpt.close()
+    assert [n for n in step_dirs(root_url) if n.startswith("step-")] == ["step-000000001"]
 
 
 def test_save_is_refused_before_anything_is_written(tmp_path, root_url):
@@ -247,12 +266,30 @@ def test_an_unreadable_fence_commits_nothing(tmp_path, root_url):
         model, optimizer = tiny_model()
         ckpt = attempt(root_url, 1, async_save=True)
         ckpt.save(1, model, optimizer, {})
+        while ckpt.writing():
+            time.sleep(0.01)
         fs, path = storage.open_root(fence)
         fs.pipe_file(path, b"garbage")
         with pytest.raises(OSError, match="fence .* is not JSON"):
             ckpt.wait()
         ckpt.close()
     assert committed(root_url) == []
+
+
+def test_an_async_save_that_fails_in_the_background_never_commits(tmp_path, root_url):
+    fence = f"{root_url}/fence.json"
+    write_fence(fence, {}, epoch=1, attempt=1)
+    with one_rank(tmp_path):
+        model, optimizer = tiny_model()
+        ckpt = attempt(root_url, 1, async_save=True)
+        fs, path = storage.open_root(fence)
+        fs.pipe_file(path, b"garbage")
+        ckpt.save(1, model, optimizer, {})  # returns once staged: the fence is read after
+        with pytest.raises(CheckpointSaveFailed, match="rank 0: OSError: fence .* is not JSON"):
+            ckpt.wait()
+        ckpt.close()
+    assert committed(root_url) == []
+    assert [n for n in step_dirs(root_url) if n.startswith("step-")] == []
 
 
 def test_without_a_fence_url_nothing_is_checked(tmp_path, root_url):
