@@ -203,12 +203,14 @@ class Checkpointer:
 
         return self._on_rank0(find)
 
-    def resume_step(self, requested: int | None) -> int | None:
+    def resume_step(self, requested: int | None, verified: bool = False) -> int | None:
         """The step to resume from, agreed by all ranks (checkpoint.resume_step).
 
         None: the newest committed step that verifies (a run by hand). 0: none, from scratch,
         whatever the storage holds. N: exactly step N, or CheckpointNotFound naming the step and
         the storage URL; never another step, so a zombie's newer step beside it is not taken.
+        ``verified``: the controller's copy checked step N's every byte as it landed here, so
+        its files' presence and sizes are checked, not their hashes a second time.
         """
         if requested is None:
             return self.latest_step()
@@ -218,7 +220,8 @@ class Checkpointer:
             return None
 
         def find() -> int:
-            catalog.require_step(self.fs, self.root, requested, check_hashes=self.verify_hashes)
+            hashes = self.verify_hashes and not verified
+            catalog.require_step(self.fs, self.root, requested, check_hashes=hashes)
             return requested
 
         return self._on_rank0(find)

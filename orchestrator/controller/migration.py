@@ -18,6 +18,7 @@ from orchestrator.checkpoint.manifest import CheckpointInvalid, verify
 from orchestrator.checkpoint.storage import open_root
 from orchestrator.checkpoint.transfer import Progress, copy_checkpoint
 from orchestrator.controller.paths import checkpoints_url
+from orchestrator.controller.records import AttemptRecord
 from orchestrator.controller.state import CheckpointRecord, ControllerState
 from orchestrator.fleet.fleet import ClusterView
 
@@ -100,6 +101,18 @@ def bring(
             continue
         return Brought(source, copied.bytes, copied.seconds)
     return Brought(None, 0, 0.0)
+
+
+def copied_here(attempt: AttemptRecord) -> bool:
+    """Whether the attempt resumes from the step the controller copied to its cluster for it,
+    every byte checked against the manifest as it landed: its ranks need not hash it again. A
+    step that was already there (nothing copied) was checked for sizes only, so it is not."""
+    return (
+        attempt.copy_s is not None
+        and attempt.copy_bytes_done > 0
+        and attempt.copy_step is not None
+        and attempt.copy_step == attempt.resumed_from_step
+    )
 
 
 def committed_sizes(view: ClusterView, job_id: str) -> dict[int, int]:

@@ -358,6 +358,7 @@ class PlacingMixin:
             fence_url=fence_url(cluster, job.job_id),
             # The controller names the step: a newer one beside it may be a zombie's.
             resume_step=attempt.resumed_from_step or 0,
+            resume_verified=migration.copied_here(attempt),
         )
         try:
             run_files(cluster, job.job_id, attempt.attempt).write_run_config(cfg)

@@ -46,10 +46,12 @@ def attempt_run_config(
     epoch: int | None = None,
     fence_url: str | None = None,
     resume_step: int | None = None,
+    resume_verified: bool = False,
 ) -> dict[str, Any]:
     """The run config one attempt trains: the one stored at launch, with the keys that belong
     to this attempt pinned (its world size, its run dir, the job's checkpoints on its cluster,
-    its epoch and fence, and the committed step the controller chose for it to resume from)."""
+    its epoch and fence, the committed step the controller chose for it to resume from, and
+    whether the controller's copy just checked that step's every byte here)."""
     cfg = {k: copy.deepcopy(v) for k, v in run_config.items() if k not in NOT_SHIPPED}
     cfg["resources"] = {**cfg.get("resources", {}), "devices": world_size}
     cfg["run_dir"] = run_dir
@@ -59,5 +61,6 @@ def attempt_run_config(
         "epoch": epoch,
         "fence_url": fence_url,
         "resume_step": resume_step,
+        "resume_verified": resume_verified,
     }
     return cfg

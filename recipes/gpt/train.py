@@ -146,7 +146,9 @@ def train(cfg: DictConfig, drain: Drain | None = None) -> TrainResult:
             fence_url=cfg.checkpoint.fence_url,
         )
         seed_rng(t.seed * 7919 + rank)
-        resume_step = ckpt.resume_step(cfg.checkpoint.resume_step)
+        resume_step = ckpt.resume_step(
+            cfg.checkpoint.resume_step, verified=cfg.checkpoint.resume_verified
+        )
         if resume_step is not None:
             state = ckpt.read_state(resume_step, expect=STATE_TYPES)
             if state["shape_hash"] != shape_hash(cfg.model):

@@ -181,8 +181,12 @@ def test_a_partitioned_cluster_is_lost_its_zombie_fenced_and_the_line_continues(
         second = controller.state.attempts(job_id)[1]
         assert second.cluster == "home" and second.resumed_from_step == 10
         fleet.run_until(controller, lambda: fleet["home"].live() != [], max_s=30)
+        (resumed,) = fleet["home"].live()
+        # Step 10 was copied home with every byte checked: the ranks check sizes, not hashes.
+        assert resumed.ckpt["resume_step"] == 10 and resumed.ckpt["resume_verified"] is True
         fleet.advance(20)  # the zombie trains on and reaches its next commit: fenced
         zombie = next(iter(fleet["partner"].attempts.values()))
+        assert zombie.ckpt["resume_verified"] is False  # nothing was copied for it
         assert not zombie.live and zombie.exit_code == 76, zombie
         fleet["partner"].heal()
         time.sleep(fleet["partner"].hang_s + 0.1)  # the call that hung in real time returns

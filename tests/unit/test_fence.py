@@ -365,4 +365,10 @@ def test_resume_step_that_does_not_verify_is_not_replaced_by_another(tmp_path, r
         fs.pipe_file(shard, bytes(data))
         with pytest.raises(CheckpointNotFound, match="checkpoint step 6 in .* does not verify"):
             ckpt.resume_step(6)
+        # Told the controller's copy checked every byte here, it checks sizes only: the one
+        # flipped byte (same size) is the copy's to catch, and it would have.
+        assert ckpt.resume_step(6, verified=True) == 6
+        fs.pipe_file(shard, bytes(data[:-1]))
+        with pytest.raises(CheckpointNotFound, match="does not verify"):
+            ckpt.resume_step(6, verified=True)  # a short file is still refused
         ckpt.close()
