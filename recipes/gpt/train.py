@@ -15,6 +15,8 @@ and exits with the fenced status.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -39,7 +41,7 @@ from recipes.common import boundary
 from recipes.common.drain import DRAINED_EXIT, FENCED_EXIT, Drain, SigtermDrain
 from recipes.gpt.data import BatchPlan, make_token_source, micro_batches
 from recipes.gpt.model import ModelArgs, flops_per_token
-from recipes.gpt.optim import build_optimizer, clip_gradients, warmup_cosine
+from recipes.gpt.optim import build_optimizer, warmup_cosine
 from recipes.gpt.parallel import build_mesh, build_model, init_distributed
 
 log = logging.getLogger("spillway.gpt")
@@ -63,10 +65,10 @@ def peak_flops(device: torch.device) -> float | None:
     return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
-def train_step(model, optimizer, batches, device, grad_clip: float):
-    """One optimizer step over this rank's micro-batches. Returns (this rank's loss summed over
-    its micro-batches, the global gradient norm), both device tensors: the step boundary's one
-    all-reduce averages the loss over ranks, and reads it only on logged steps."""
+def train_step(model, optimizer, batches, device, agree) -> boundary.Boundary:
+    """One optimizer step over this rank's micro-batches. ``agree(loss_sum=)`` clips the
+    gradients and makes the step boundary's one all-reduce (recipes.common.boundary) between
+    the backward pass and the optimizer step; its answer is returned."""
     loss_sum = torch.zeros((), device=device)
     for i, (inputs, targets) in enumerate(batches):
         # Reduce-scatter gradients once per optimizer step, on the last micro-batch.
@@ -75,10 +77,14 @@ def train_step(model, optimizer, batches, device, grad_clip: float):
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.to(device).flatten())
         (loss / len(batches)).backward()
         loss_sum += loss.detach()
-    grad_norm = clip_gradients(model, grad_clip)
+    at = agree(loss_sum=loss_sum)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return loss_sum, grad_norm
+    if at.drain and at.loss is None:  # the drained step is the attempt's last: record it
+        dist.all_reduce(loss_sum)
+        mean = loss_sum.item() / (len(batches) * dist.get_world_size())
+        at = dataclasses.replace(at, loss=mean)
+    return at
 
 
 # What a resume reads of the trainer state, and the JSON type each must have.
@@ -196,30 +202,23 @@ def train(cfg: DictConfig, drain: Drain | None = None) -> TrainResult:
             step += 1
             lr = scheduler.get_last_lr()[0]
             batches = micro_batches(source, step, plan, rank)
-            loss_sum, grad_norm = train_step(
-                model, optimizer, batches, device, cfg.optim.grad_clip
+            saved = step % cfg.checkpoint.every_steps == 0 or step in (t.max_steps, stop_at)
+            logged = saved or step == first_step or step % t.log_every == 0
+
+            agree = functools.partial(
+                boundary.clip_and_agree,
+                model,
+                cfg.optim.grad_clip,
+                drain=drain.requested() is not None,
+                writing=ckpt.writing(),
+                loss_count=plan.accum_steps,
+                logged=logged,
+                control_group=ckpt.control_group,
             )
+            at = train_step(model, optimizer, batches, device, agree)
             scheduler.step()
             tokens_seen += tokens_per_step
             window_steps += 1
-            saved = step % cfg.checkpoint.every_steps == 0 or step in (t.max_steps, stop_at)
-            logged = saved or step == first_step or step % t.log_every == 0
-            at = boundary.agree(
-                drain=drain.requested() is not None,
-                writing=ckpt.writing(),
-                loss_sum=loss_sum if logged else None,
-                loss_count=plan.accum_steps,
-                grad_norm=grad_norm,
-                control_group=ckpt.control_group,
-            )
-            if at.drain and not logged:  # the drained step is the attempt's last: record it
-                at = boundary.agree(
-                    drain=True,
-                    writing=ckpt.writing(),
-                    loss_sum=loss_sum,
-                    loss_count=plan.accum_steps,
-                    grad_norm=grad_norm,
-                )
             if at.loss is not None:
                 now = time.perf_counter()
                 elapsed = (now - window_began) / window_steps  # the mean step since the last
