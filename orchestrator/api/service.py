@@ -75,6 +75,7 @@ class ControllerActor:
         self.started_at = time.time()
         # A request that adds or changes work sets this, so the loop runs now, not next tick.
         self._wake = threading.Event()
+        self.controller.wake = self._wake.set
         self._stopping = threading.Event()
         self.api = ApiServer(
             self.controller,

@@ -320,7 +320,8 @@ class PlacingMixin:
         return thread
 
     def _copy(self, job_id: str, number: int) -> None:
-        """On its own thread, so a long copy never stalls the loop; the loop submits after."""
+        """On its own thread, so a long copy never stalls the loop; the loop, woken when it
+        ends, submits after."""
         job = self._job(job_id)
         attempt = self.state.get_attempt(job_id, number)
         clusters = self.clusters()
@@ -342,6 +343,8 @@ class PlacingMixin:
                 if current.state == AttemptState.PREPARING:
                     what = f"checkpoint copy to {target.name} failed: {exc}"
                     self._copy_failed(self._job(job_id), current, what, self.clock())
+        finally:
+            self.wake()  # the loop submits (or recovers) now, not at its next tick
 
     # ---- submitting ---------------------------------------------------------------------
 

@@ -160,6 +160,8 @@ def test_a_hung_cluster_holds_one_call_and_delays_nobody_else(root):
 def test_a_partitioned_cluster_is_lost_its_zombie_fenced_and_the_line_continues(root):
     fleet = two_owned(root)
     controller = fleet.controller(root / "state")
+    woken: list[int] = []
+    controller.wake = lambda: woken.append(1)  # what the service runs the loop at once with
     try:
         job_id = launch(
             controller, fleet, "trainer.max_steps=40", "checkpoint.every_steps=5",
@@ -182,6 +184,7 @@ def test_a_partitioned_cluster_is_lost_its_zombie_fenced_and_the_line_continues(
         assert second.cluster == "home" and second.resumed_from_step == 10
         fleet.run_until(controller, lambda: fleet["home"].live() != [], max_s=30)
         (resumed,) = fleet["home"].live()
+        assert woken, "the copy's end did not wake the loop"
         # Step 10 was copied home with every byte checked: the ranks check sizes, not hashes.
         assert resumed.ckpt["resume_step"] == 10 and resumed.ckpt["resume_verified"] is True
         fleet.advance(20)  # the zombie trains on and reaches its next commit: fenced
