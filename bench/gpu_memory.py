@@ -51,8 +51,9 @@ def attempt(a: argparse.Namespace, device: Any, optimizer: str) -> dict[str, Any
     """Build, then train a few steps; the phases' memory, or the phase that ran out of it."""
     import torch
 
+    from recipes.common.boundary import clip_and_agree
     from recipes.gpt.model import ModelArgs
-    from recipes.gpt.optim import build_optimizer, clip_gradients
+    from recipes.gpt.optim import build_optimizer
     from recipes.gpt.parallel import build_mesh, build_model
 
     args = ModelArgs(**common.conf_yaml("model", a.model))
@@ -90,7 +91,11 @@ def attempt(a: argparse.Namespace, device: Any, optimizer: str) -> dict[str, Any
             phase = f"step {step} backward"
             loss.backward()
             phase = f"step {step} optimizer"
-            clip_gradients(model, optim_cfg.grad_clip)
+            # The recipe's own clipping (and its one all-reduce), as a logged step does it.
+            clip_and_agree(
+                model, optim_cfg.grad_clip, drain=False, writing=False,
+                loss_sum=loss.detach(), loss_count=1, logged=True,
+            )  # fmt: skip
             opt.step()
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":

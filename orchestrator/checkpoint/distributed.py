@@ -137,8 +137,9 @@ class Checkpointer:
         # every rank's again. DCP keys its cached plans in class attributes: one key per
         # Checkpointer, so two in one process (a benchmark's) never share plans.
         self._buffers = StagingBuffers(torch.cuda.is_available()) if async_save else None
-        self._planner = DefaultSavePlanner(enable_plan_caching=True)
-        self._planner._cached_plans_key = f"spillway-{id(self)}"
+        self._planner = DefaultSavePlanner(enable_plan_caching=True) if async_save else None
+        if self._planner is not None:
+            self._planner._cached_plans_key = f"spillway-{id(self)}"
         self._pending: PendingSave | None = None
         self.last_save_blocking_s = 0.0
         # Start of the last committed save to its commit, on rank 0: what a drain's save costs.
@@ -362,21 +363,16 @@ class Checkpointer:
         self.fs.pipe_file(join(tmp, _rng_file(self.rank)), rng)
         # Hashes each file as DCP writes it: no rank reads its shards back (hashing_writer.py).
         writer = HashingFsspecWriter(self._url(tmp), **self.storage_options)
-        planner = self._planner if background else None
+        planner = self._planner if background else None  # the drain's save plans afresh
         dcp.save(sd, storage_writer=writer, planner=planner, process_group=group)
-        written: Future = Future()
-        written.set_result(None)
-        return self._hash_own_files(written, tmp, writer)
+        return self._hash_own_files(tmp, writer)
 
-    def _hash_own_files(
-        self, written: Future, tmp: str, writer: HashingFsspecWriter | None = None
-    ) -> list[FileEntry]:
+    def _hash_own_files(self, tmp: str, writer: HashingFsspecWriter) -> list[FileEntry]:
         """What this rank wrote (its DCP shard files, on the coordinator ``.metadata``, and its
         RNG state) with sizes and hashes, off the train loop: as ``writer`` hashed them while
         writing; a file it has no hash for (the RNG state, or all of them when DCP ran the
         writer in another process) is read back and hashed."""
-        written.result()
-        streamed = writer.entries() if writer is not None else {}
+        streamed = writer.entries()
         shard_prefix = f"__{self.rank}_"
         own = [n.rsplit("/", 1)[-1] for n in self.fs.ls(tmp, detail=False)]
         own = [n for n in own if n.startswith(shard_prefix)] + [_rng_file(self.rank)]

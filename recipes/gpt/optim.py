@@ -1,11 +1,12 @@
-"""AdamW, warmup then cosine decay, and clipping that works on sharded gradients."""
+"""AdamW, and warmup then cosine decay.
+
+Clipping lives in recipes/common/boundary.py: its global norm rides the step's one all-reduce."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import LambdaLR
 
 
@@ -36,10 +37,3 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, optim_cfg, max_steps: int) -
         lambda i: lr_factor(i, optim_cfg.warmup_steps, max_steps, optim_cfg.min_lr_ratio),
     )
 
-
-def clip_gradients(model: torch.nn.Module, max_norm: float) -> torch.Tensor:
-    """Clip the global gradient norm (over all shards); returns the norm before clipping, as a
-    tensor on the device, so reading it is the caller's choice of host sync."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    return norm.full_tensor() if isinstance(norm, DTensor) else norm
