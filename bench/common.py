@@ -465,10 +465,13 @@ def plain_copy(
 # ---- the bare baselines' loop --------------------------------------------------------------
 
 
-def bare_train_step(model: Any, optimizer: Any, chunks: Sequence[Any]) -> None:
+def bare_train_step(model: Any, optimizer: Any, chunks: Sequence[Any], clip: float = 0.0) -> None:
     """One plain FSDP2 training step over micro-batches of token rows: forward, cross-entropy,
     backward (gradients synced on the last micro-batch only), optimizer step. Nothing else:
-    what the bare baselines time against the recipe."""
+    what the bare baselines time against the recipe. clip > 0: torch's own
+    clip_grad_norm_ to that norm before the step (on DTensor gradients, as torchtitan's loop
+    does), the same math the recipe's default optim.grad_clip asks for."""
+    import torch
     import torch.nn.functional as F
 
     for i, chunk in enumerate(chunks):
@@ -476,6 +479,8 @@ def bare_train_step(model: Any, optimizer: Any, chunks: Sequence[Any]) -> None:
         logits = model(chunk[:, :-1])
         loss = F.cross_entropy(logits.flatten(0, 1).float(), chunk[:, 1:].flatten())
         (loss / len(chunks)).backward()
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

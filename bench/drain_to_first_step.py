@@ -1,7 +1,7 @@
 """Drain to first step on the new cluster: what `spillway migrate` costs, against a move by hand.
 
-    python bench/drain_to_first_step.py                          # alternate home <-> partner
-    python bench/drain_to_first_step.py --mode partner-to-home   # the partner's bucket -> home
+    python bench/drain_to_first_step.py                          # the partner's bucket -> home
+    python bench/drain_to_first_step.py --mode alternate         # home <-> partner
     python bench/drain_to_first_step.py --repeats 2 --model small
 
 It makes a short state dir under /tmp (Ray's unix socket paths must stay short), brings the
@@ -40,7 +40,10 @@ of the cluster it ran on; rank 0 writes it once the drain checkpoint is committe
 first_step_at is the `time` of the first metrics record (the wall clock at the end of the step).
 
 Baseline, in the same run once the job is cancelled and no attempt runs: what a person would
-do to move the same job by hand, --repeats times, from the checkpoint the last measured
+do to move the same job by hand (in partner-to-home, the default, exactly the same move: out of
+the partner's bucket, onto home; in alternate the by-hand start is still on home, so a move onto
+the isolated partner, whose start reads and writes through its S3 server, is held against a
+cheaper one), --repeats times, from the checkpoint the last measured
 migration copied, on the store of the cluster it left (the partner's bucket in
 partner-to-home):
 
@@ -392,7 +395,11 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--mode", choices=tuple(MODES), default="alternate", help="which migrations are measured"
+        "--mode",
+        choices=tuple(MODES),
+        default="partner-to-home",
+        help="which migrations are measured (partner-to-home: the by-hand baseline makes the "
+        "same move; alternate: its home -> partner moves are held against a move home)",
     )
     p.add_argument("--model", choices=("tiny", "small"), default="tiny")
     p.add_argument("--max-steps", type=int, default=2000, help="trainer.max_steps of the job")

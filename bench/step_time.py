@@ -12,6 +12,11 @@ forward, loss, backward, optimizer step, nothing else (no data pipeline, LR sche
 loss all-reduce, metrics or checkpoint poll). The ratio recipe/bare is the recipe's overhead:
 above 1 is slower.
 
+A third side, "bare+clip" (`--bare --clip 1.0`), is the same bare loop with torch's own
+`clip_grad_norm_` at the recipe's default `optim.grad_clip` (1.0) before the optimizer step, as
+torchtitan's loop does: the same math as the recipe, so recipe/bare+clip is the cost of the
+recipe's machinery alone, and bare+clip/bare what clipping itself costs at this size.
+
 A second recipe figure is the period between consecutive records' `time` (the wall clock at the
 end of each step), which also counts what the recipe does outside its timed region (drain vote,
 checkpoint poll, metrics write, progress).
@@ -30,6 +35,7 @@ from common import median, ms
 
 HERE = Path(__file__).resolve()
 GLOBAL_BATCH, MICRO_BATCH, SEQ_LEN = 16, 8, 64
+GRAD_CLIP = float(common.conf_yaml("optim", "adamw")["grad_clip"])  # the recipe's default
 CPU_MODELS = ("tiny", "small")
 
 
@@ -42,6 +48,7 @@ def bare_main(argv: list[str]) -> None:
     p.add_argument("--model", default="tiny")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--out", required=True)
+    p.add_argument("--clip", type=float, default=0.0, help="clip_grad_norm_ to this (0: none)")
     a = p.parse_args(argv)
 
     import torch
@@ -71,7 +78,7 @@ def bare_main(argv: list[str]) -> None:
     times = []
     for step in range(a.steps):
         began = time.perf_counter()
-        common.bare_train_step(model, opt, data[step].split(plan.micro_batch))
+        common.bare_train_step(model, opt, data[step].split(plan.micro_batch), clip=a.clip)
         times.append(time.perf_counter() - began)
     if rank == 0:
         Path(a.out).write_text(json.dumps({"step_time_s": times, "world_size": world}))
@@ -96,7 +103,7 @@ def driver(a: argparse.Namespace, root: Path) -> None:
         f"micro_batch={MICRO_BATCH} seq_len={SEQ_LEN} steps={a.steps} warmup={a.warmup} "
         f"repeats={a.repeats} OMP_NUM_THREADS={env['OMP_NUM_THREADS']}"
     )
-    recipe_steps, recipe_periods, bare_steps, per_repeat = [], [], [], []
+    recipe_steps, recipe_periods, bare_steps, clip_steps, per_repeat = [], [], [], [], []
     whole = CpuWatch()
     for r in range(a.repeats):
         run_dir = root / f"run-{r}"
@@ -105,20 +112,27 @@ def driver(a: argparse.Namespace, root: Path) -> None:
             f"model={a.model}", "data=synthetic", f"data.seq_len={SEQ_LEN}",
             f"trainer.global_batch_size={GLOBAL_BATCH}", f"trainer.micro_batch_size={MICRO_BATCH}",
             "trainer.device=cpu", f"trainer.max_steps={a.steps}",
-            f"checkpoint.every_steps={a.steps + 1}", f"run_dir={run_dir}",
+            f"checkpoint.every_steps={a.steps + 1}", f"run_dir={run_dir}", *a.recipe_arg,
         )  # fmt: skip
-        bare_out = root / f"bare-{r}.json"
-        bare_cmd = common.torchrun(
-            a.nproc, str(HERE), "--bare", f"--model={a.model}", f"--steps={a.steps}",
-            f"--out={bare_out}",
-        )  # fmt: skip
+
+        def bare_cmd(out: Path, clip: float) -> list[str]:
+            return common.torchrun(
+                a.nproc, str(HERE), "--bare", f"--model={a.model}", f"--steps={a.steps}",
+                f"--out={out}", f"--clip={clip:g}",
+            )  # fmt: skip
+
+        outs = {"bare": root / f"bare-{r}.json", "bare+clip": root / f"bare-clip-{r}.json"}
+        order = [
+            ("recipe", recipe_cmd),
+            ("bare", bare_cmd(outs["bare"], 0.0)),
+            ("bare+clip", bare_cmd(outs["bare+clip"], GRAD_CLIP)),
+        ]
         if r == 0:
-            print("recipe command:", common.show(recipe_cmd))
-            print("bare command:  ", common.show(bare_cmd))
-        # Alternate which side goes first so slow drift of the machine hits both alike.
-        order = [("recipe", recipe_cmd), ("bare", bare_cmd)]
+            for name, cmd in order:
+                print(f"{name + ' command:':<20}", common.show(cmd))
+        # Rotate which side goes first so slow drift of the machine hits every side alike.
         watch = CpuWatch()
-        for name, cmd in order if r % 2 == 0 else order[::-1]:
+        for name, cmd in order[r % 3 :] + order[: r % 3]:
             common.run_logged(cmd, env, root / f"{name}-{r}.log", a.timeout_s)
 
         records = common.read_metrics(run_dir)
@@ -126,23 +140,29 @@ def driver(a: argparse.Namespace, root: Path) -> None:
         kept = records[a.warmup :]
         rs = [x["step_time_s"] for x in kept]
         rp = common.periods(kept)
-        bs = json.loads(bare_out.read_text())["step_time_s"][a.warmup :]
+        bs = json.loads(outs["bare"].read_text())["step_time_s"][a.warmup :]
+        cs = json.loads(outs["bare+clip"].read_text())["step_time_s"][a.warmup :]
         recipe_steps += rs
         recipe_periods += rp
         bare_steps += bs
-        rm, bm = median(rs), median(bs)
+        clip_steps += cs
+        rm, bm, cm = median(rs), median(bs), median(cs)
         per_repeat.append(rm / bm)
         print(
             f"  repeat {r + 1}: recipe step_time_s median {ms(rm)}, period {ms(median(rp))}; "
-            f"bare {ms(bm)}; ratio {rm / bm:.3f}; other processes' cpu {_share(watch)}"
+            f"bare {ms(bm)}; bare+clip {ms(cm)}; ratio recipe/bare {rm / bm:.3f}, "
+            f"recipe/bare+clip {rm / cm:.3f}; other processes' cpu {_share(watch)}"
         )
 
-    rm, pm, bm = (median(x) for x in (recipe_steps, recipe_periods, bare_steps))
+    rm, pm, bm, cm = (median(x) for x in (recipe_steps, recipe_periods, bare_steps, clip_steps))
     print(f"recipe median step_time_s (metrics):  {ms(rm)}  over {len(recipe_steps)} steps")
     print(f"recipe median period between records: {ms(pm)}")
     print(f"bare FSDP2 loop median step time:     {ms(bm)}  over {len(bare_steps)} steps")
+    print(f"bare loop + clip_grad_norm_ median:   {ms(cm)}  over {len(clip_steps)} steps")
     print(f"ratio recipe/bare (step_time_s): {rm / bm:.3f}  (per repeat {common.span(per_repeat)})")
     print(f"ratio recipe/bare (period):      {pm / bm:.3f}")
+    print(f"ratio recipe/bare+clip (step_time_s): {rm / cm:.3f}  (the same math on both sides)")
+    print(f"ratio bare+clip/bare:            {cm / bm:.3f}  (what clipping costs at this size)")
     print(whole.report())
 
 
@@ -159,6 +179,13 @@ def main() -> None:
     p.add_argument("--nproc", type=int, default=2, help="ranks per side")
     p.add_argument("--timeout-s", type=int, default=600, help="per launched command")
     p.add_argument("--keep", action="store_true", help="keep run directories and logs")
+    p.add_argument(
+        "--recipe-arg",
+        action="append",
+        default=[],
+        metavar="OVERRIDE",
+        help="one more override for the recipe side, e.g. optim.grad_clip=0 (repeatable)",
+    )
     a = p.parse_args()
     if not 0 <= a.warmup < a.steps - 1:
         p.error("--warmup must leave at least two measured steps")

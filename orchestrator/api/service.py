@@ -34,6 +34,8 @@ from orchestrator.fleet.tokens import read_token
 
 NAMESPACE = "spillway"
 POLL_S = 1.0
+# The loop's period while an attempt that acknowledged its drain is exiting (Controller.hurried).
+HURRIED_POLL_S = 0.2
 
 __all__ = ["FLEET_ENV", "NAMESPACE", "POLL_S", "ControllerActor", "actor_name", "bootstrap"]
 
@@ -107,7 +109,8 @@ class ControllerActor:
                 self.controller.reconcile(time.time())
             except Exception:
                 log.exception("reconcile failed; retrying")
-            self._wake.wait(self.poll_s)
+            hurried = self.controller.hurried()
+            self._wake.wait(min(self.poll_s, HURRIED_POLL_S) if hurried else self.poll_s)
 
     def _heartbeat(self) -> None:
         while not self._stopping.is_set():

@@ -249,14 +249,30 @@ def latest_verified(
 def prune(
     fs: fsspec.AbstractFileSystem, root: str, keep: int, epoch: int | None = None
 ) -> list[int]:
-    """Keep the newest ``keep`` valid checkpoints, delete committed dirs older than them.
+    """Keep the newest ``keep`` valid checkpoints, delete committed dirs older than them
+    (`prune_plan`, then `remove_steps`); returns the deleted steps, newest first."""
+    deleted = prune_plan(fs, root, keep, epoch)
+    remove_steps(fs, root, deleted)
+    return deleted
+
+
+def remove_steps(fs: fsspec.AbstractFileSystem, root: str, steps: list[int]) -> None:
+    """Delete the step dirs at `steps` (one already gone is not an error)."""
+    for step in steps:
+        remove_tree(fs, step_dir(root, step))
+
+
+def prune_plan(
+    fs: fsspec.AbstractFileSystem, root: str, keep: int, epoch: int | None = None
+) -> list[int]:
+    """The steps `prune` deletes, newest first, deleting nothing: keep the newest ``keep``
+    valid checkpoints, and every step dir older than them goes.
 
     Invalid dirs newer than the oldest kept one are left for inspection. If fewer than
     ``keep`` valid checkpoints exist nothing is deleted: we are below the retention
     target, so nothing is surplus. ``epoch``: only checkpoints committed by that epoch count
     as kept (the controller's retention of the current attempt's line: a zombie's newer steps
-    or a copied-in older line never stand in for the current one's). Returns the deleted
-    steps, newest first.
+    or a copied-in older line never stand in for the current one's).
     """
     if keep < 1:
         # keep=0 would delete the only thing a restarted job can resume from.
@@ -281,10 +297,7 @@ def prune(
     if len(kept) < keep:
         return []
     oldest_kept = kept[-1]
-    deleted = [s for s in steps if s < oldest_kept]
-    for step in deleted:
-        remove_tree(fs, step_dir(root, step))
-    return deleted
+    return [s for s in steps if s < oldest_kept]
 
 
 def remove_stale_tmp(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from orchestrator.backends.base import ClusterBackend
+from orchestrator.backends.base import TERMINAL, ClusterBackend
 from orchestrator.backends.ray_jobs import RayJobsBackend
 from orchestrator.controller import watch as w
 from orchestrator.controller.finishing import FinishingMixin
@@ -102,10 +102,11 @@ class Controller(PlacingMixin, FinishingMixin):
         self._loss: dict[str, loss.ProbeHistory] = {}
         # Calls queued on lanes whose outcome the loop applies once they finish.
         self._effects: list[tuple[Future, Callable[[Future], None]]] = []
-        # Placement waits, this long at most after the first tick, for every cluster to
-        # answer or be declared lost (scheduling/loss.known).
+        # Placement waits, this long at most after the first tick, for every cluster's last
+        # probe to answer or for it to be declared lost (scheduling/loss.known).
         self._started_at: float | None = None
         self._start_hold_s = fleet_cfg.lost_after_s + OBSERVE_STALE_S
+        self._pruned_since_start = False  # see FinishingMixin._retain_after_a_restart
 
     def clusters(self) -> dict[str, ClusterView]:
         return {v.name: v for v in self._fleet()}
@@ -143,6 +144,9 @@ class Controller(PlacingMixin, FinishingMixin):
             return  # the fleet cannot be read this tick: decide nothing without it
         with self.lock:
             self._stage("finished calls", self._apply_effects)
+            if not self._pruned_since_start:
+                self._pruned_since_start = True
+                self._stage("retention after a restart", self._retain_after_a_restart, clusters)
             # Deadlines first, on what the clusters last said: a drain before a lease ends or
             # at a budget must not wait for this tick's observations.
             self._stage("lease watch", self._watch_leases, clusters, now)
@@ -186,9 +190,26 @@ class Controller(PlacingMixin, FinishingMixin):
             saved = self._seen_attempt(a)
             last = (saved.last_save or {}).get("step") if saved else None
             by_cluster.setdefault(a.cluster, []).append(
-                Watched(a.job_id, a.attempt, a.ray_job_id, a.first_step_at is None, last)
+                Watched(
+                    a.job_id,
+                    a.attempt,
+                    a.ray_job_id,
+                    a.first_step_at is None,
+                    last,
+                    draining=a.interrupted_at is not None,
+                )
             )
         return by_cluster
+
+    def hurried(self) -> bool:
+        """Whether an attempt has acknowledged its drain (its checkpoint committed) and is only
+        exiting: its end starts the job's next attempt, so the loop should look again within
+        a fraction of a second rather than at its next tick."""
+        return any(
+            seen.ack is not None and seen.info is not None and seen.info.status not in TERMINAL
+            for cluster in self._seen.values()
+            for seen in cluster.attempts.values()
+        )
 
     def _observe(self, clusters: dict[str, ClusterView], now: float) -> None:
         self._collect(now)  # what lanes finished since the last tick

@@ -9,13 +9,13 @@ import logging
 
 from orchestrator import exit_codes
 from orchestrator.backends.base import STOPPED, JobInfo
-from orchestrator.controller.job_states import AttemptState, JobState
+from orchestrator.controller.job_states import ACTIVE_ATTEMPT, TERMINAL, AttemptState, JobState
 from orchestrator.controller.lanes import cleanup_lane
 from orchestrator.controller.observe import AttemptSeen
 from orchestrator.controller.paths import checkpoints_url, run_files
 from orchestrator.controller.recovery import Outcome, classify, cluster_at_fault, recover
 from orchestrator.controller.requests import ACTIVE
-from orchestrator.controller.retention import prune_line
+from orchestrator.controller.retention import delete_steps, doomed_steps
 from orchestrator.controller.state import AttemptRecord, InvalidTransition, JobRecord
 from orchestrator.controller.writes import Transaction
 from orchestrator.fleet.fleet import ClusterView
@@ -240,19 +240,30 @@ class FinishingMixin:
 
     def _retain(self, job_id: str, attempt: AttemptRecord, cluster: ClusterView) -> None:
         """Prune the job's folder on `cluster` to the attempt's newest checkpoints, on the
-        cluster's cleanup lane (one prune at a time per job there); the catalog then forgets
-        what was deleted."""
+        cluster's cleanup lane (one prune at a time per job there): which steps go is read
+        there, the catalog forgets them here, then they are deleted there."""
         keep = json.loads(self._job(job_id).run_config)["checkpoint"]["keep"]
+        lane, key = cleanup_lane(cluster.name), f"prune-{job_id}"
 
-        def done(future) -> None:
-            deleted = future.result()  # a failed prune is logged; the next commit prunes again
-            if deleted:
-                with self.state.decision() as tx:
-                    tx.forget_checkpoints(job_id, cluster.name, deleted)
+        def doomed(future) -> None:
+            steps = future.result()  # a failed listing is logged; the next commit prunes again
+            if not steps:
+                return
+            with self.state.decision() as tx:
+                tx.forget_checkpoints(job_id, cluster.name, steps)
+            self._effect(lane, key, lambda: delete_steps(cluster, job_id, steps))
 
-        self._effect(
-            cleanup_lane(cluster.name),
-            f"prune-{job_id}",
-            lambda: prune_line(cluster, job_id, attempt.epoch, keep),
-            done,
-        )
+        self._effect(lane, key, lambda: doomed_steps(cluster, job_id, attempt.epoch, keep), doomed)
+
+    def _retain_after_a_restart(self, clusters: dict[str, ClusterView]) -> None:
+        """On a controller's first tick, prune again wherever an unfinished job has
+        checkpoints: a controller killed between forgetting doomed steps and deleting them
+        left their dirs behind. Each cluster keeps the line of the job's latest attempt there;
+        one where that attempt is still active is left to it, since the first observation of
+        its newest save prunes there anyway."""
+        for job in self.state.list_jobs(set(JobState) - TERMINAL):
+            latest = {a.cluster: a for a in self.state.attempts(job.job_id)}  # by attempt
+            for name in {c.cluster for c in self.state.checkpoints(job.job_id)}:
+                attempt = latest.get(name)
+                if name in clusters and attempt and attempt.state not in ACTIVE_ATTEMPT:
+                    self._retain(job.job_id, attempt, clusters[name])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 log = logging.getLogger("spillway.controller")
 
@@ -44,6 +44,21 @@ class Lanes:
         with self._lock:
             found = self._pending.get((cluster, key))
         return found is not None and not found.done()
+
+    def wait(self, cluster: str, key: str, timeout_s: float) -> bool:
+        """Wait up to timeout_s for work `key` on this cluster's lane to finish; True once it
+        has, or when none is there."""
+        with self._lock:
+            found = self._pending.get((cluster, key))
+        if found is None:
+            return True
+        try:
+            found.exception(timeout=timeout_s)
+        except TimeoutError:
+            return False
+        except CancelledError:
+            pass
+        return True
 
     def run(self, cluster: str, key: str, fn: Callable[[], object]) -> Future | None:
         """Queue fn on the cluster's lane unless work with the same key is still there;

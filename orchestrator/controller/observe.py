@@ -45,6 +45,7 @@ class Watched:
     ray_job_id: str | None  # None: never confirmed, look it up by its deterministic id
     read_steps: bool = False  # also read its first and last step from its metrics
     last_save_step: int | None = None  # the newest save already seen (commits after it are new)
+    draining: bool = False  # asked to drain: its acknowledgement is read while it runs
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class AttemptSeen:
     last_save: dict | None = None  # {"step", "seconds", ...} of its newest commit
     first: dict | None = None  # its first metrics record, when asked
     last: dict | None = None  # its newest metrics record
-    ack: dict | None = None  # its drain acknowledgement, once it ended
+    ack: dict | None = None  # its drain acknowledgement, once it ended or while it drains
     # The job's committed checkpoints in this cluster's store, read when a new save shows up:
     # step -> Commit (manifest digest and epoch as found now).
     commits: dict[int, Commit] | None = None
@@ -109,7 +110,7 @@ def _observe_attempt(cluster: ClusterView, backend: ClusterBackend, w: Watched) 
         if w.read_steps:
             news["first"] = files.first_metrics()
         ended = info.status in TERMINAL
-        if ended:
+        if ended or w.draining:
             news["ack"] = files.drain_ack()
         saved = (news["last_save"] or {}).get("step")
         if ended:

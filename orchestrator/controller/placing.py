@@ -150,7 +150,7 @@ class PlacingMixin:
             return
         unknown = [n for n in clusters if not loss.known(self._loss.get(n), verdicts.get(n))]
         if unknown and now - self._started_at < self._start_hold_s:
-            # Not yet answered nor lost since this controller started: neither up nor down.
+            # Its last probe failed (or none ended yet) and it is not lost: neither up nor down.
             # Placing now would send jobs past it; it answers or is lost within lost_after_s.
             why = reasons.not_heard_from(sorted(unknown))
             with self.state.decision() as tx:

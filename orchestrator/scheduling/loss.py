@@ -102,10 +102,11 @@ _HOW = {
 
 
 def known(history: ProbeHistory | None, verdict_now: Verdict) -> bool:
-    """Whether the controller knows a cluster well enough to place jobs past it: it has
-    answered since the controller started, or it has been declared lost. A cluster whose
-    first probes failed is neither up nor down yet (a head still starting, a probe timed out
-    under load): placing then would send jobs that prefer it elsewhere for good."""
+    """Whether the controller knows a cluster well enough to place jobs past it: its last
+    probe answered, or it has been declared lost. A cluster whose probes fail short of lost
+    is neither up nor down yet (a head still starting, a probe timed out under load, even
+    right after a first answer): placing then would send jobs that prefer it elsewhere for
+    good."""
     if history is None:
         return False
-    return history.last_ok_at is not None or verdict_now == LOST
+    return verdict_now in (UP, LOST)

@@ -33,9 +33,9 @@ class Refusal:
 
 
 def not_heard_from(names: Sequence[str]) -> str:
-    """Why nothing is placed in the controller's first seconds: a cluster has neither answered
-    nor been declared lost since it started."""
-    return f"waiting for the first answer of {', '.join(names)} (the controller just started)"
+    """Why nothing is placed in the controller's first seconds: a cluster's last probe failed
+    (or none ended yet) and it has not been declared lost."""
+    return f"waiting for an answer from {', '.join(names)} (the controller just started)"
 
 
 def unreachable(cluster: ClusterSnapshot) -> Refusal:
