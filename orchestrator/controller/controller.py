@@ -100,12 +100,9 @@ class Controller(PlacingMixin, FinishingMixin):
         self._seen: dict[str, ClusterSeen] = {}
         self._observing: dict[str, tuple[float, Future]] = {}
         self._loss: dict[str, loss.ProbeHistory] = {}
+        self._verdict_said: dict[str, str] = {}  # the last verdict logged per cluster
         # Calls queued on lanes whose outcome the loop applies once they finish.
         self._effects: list[tuple[Future, Callable[[Future], None]]] = []
-        # Placement waits, this long at most after the first tick, for every cluster's last
-        # probe to answer or for it to be declared lost (scheduling/loss.known).
-        self._started_at: float | None = None
-        self._start_hold_s = fleet_cfg.lost_after_s + OBSERVE_STALE_S
         self._pruned_since_start = False  # see FinishingMixin._retain_after_a_restart
 
     def clusters(self) -> dict[str, ClusterView]:
@@ -137,8 +134,6 @@ class Controller(PlacingMixin, FinishingMixin):
     # ---- the loop -----------------------------------------------------------------------
 
     def reconcile(self, now: float) -> None:
-        if self._started_at is None:
-            self._started_at = now
         clusters = self._stage("resolving the fleet", self.clusters)
         if clusters is None:
             return  # the fleet cannot be read this tick: decide nothing without it
@@ -282,6 +277,13 @@ class Controller(PlacingMixin, FinishingMixin):
                 refused_lost_after_s=self.fleet_cfg.get("refused_lost_after_s", 5.0),
                 home_reachable=home_reachable or name == home,
             )
+            if self._verdict_said.get(name, "up") != out[name]:
+                seen = self._health(name)
+                log.info(
+                    "cluster %s %s: %s (%s)", name, out[name], loss.describe(history, now),
+                    (seen.error if seen else None) or "answered",
+                )  # fmt: skip
+            self._verdict_said[name] = out[name]
         return out
 
     def _seen_attempt(self, attempt: AttemptRecord):

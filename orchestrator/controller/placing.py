@@ -23,7 +23,13 @@ from orchestrator.controller.paths import attempt_dir, checkpoints_url, fence_ur
 from orchestrator.controller.state import AttemptRecord, JobRecord
 from orchestrator.fleet.fleet import ClusterView
 from orchestrator.runtime.spec import AttemptSpec, attempt_run_config
-from orchestrator.scheduling import ClusterSnapshot, Placement, loss, place, reasons
+from orchestrator.scheduling import (
+    ClusterSnapshot,
+    Placement,
+    hold_past_unknown,
+    loss,
+    place,
+)
 from orchestrator.scheduling.budget import budget_cause, over_budget
 from orchestrator.scheduling.home import AwayRun, return_home_moves
 from orchestrator.scheduling.leases import OnLease, lease_drains
@@ -148,17 +154,12 @@ class PlacingMixin:
         pending = self.state.list_jobs({JobState.PENDING})
         if not pending:
             return
-        unknown = [n for n in clusters if not loss.known(self._loss.get(n), verdicts.get(n))]
-        if unknown and now - self._started_at < self._start_hold_s:
-            # Its last probe failed (or none ended yet) and it is not lost: neither up nor down.
-            # Placing now would send jobs past it; it answers or is lost within lost_after_s.
-            why = reasons.not_heard_from(sorted(unknown))
-            with self.state.decision() as tx:
-                for job in pending:
-                    tx.set_reason(job.job_id, why, now)
-            return
+        unknown = {n for n in clusters if not loss.known(self._loss.get(n), verdicts.get(n))}
         snapshots = [self._snapshot(c, verdicts) for c in clusters.values()]
-        decisions = place([job_request(j) for j in pending], snapshots, now)
+        requests = [job_request(j) for j in pending]
+        decisions = hold_past_unknown(
+            place(requests, snapshots, now), requests, snapshots, unknown, now
+        )
         self._preempt(pending, snapshots, decisions, now)
         # Every waiting job's reason in one transaction: a long queue is one commit a tick,
         # and a reason that did not change writes nothing.

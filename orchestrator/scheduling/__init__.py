@@ -10,7 +10,13 @@ from orchestrator.scheduling.budget import attempt_cost, budget_cause, drain_cos
 from orchestrator.scheduling.home import AwayRun, HomeMove, return_home_moves
 from orchestrator.scheduling.leases import OnLease, lease_drains
 from orchestrator.scheduling.loss import ProbeHistory, observe, verdict
-from orchestrator.scheduling.policy import accepted, infeasible, place, queue_order
+from orchestrator.scheduling.policy import (
+    accepted,
+    hold_past_unknown,
+    infeasible,
+    place,
+    queue_order,
+)
 from orchestrator.scheduling.preemption import Preemption, Running, preemptions
 from orchestrator.scheduling.types import (
     LEASED,
@@ -43,6 +49,7 @@ __all__ = [
     "backoff_s",
     "budget_cause",
     "drain_cost",
+    "hold_past_unknown",
     "infeasible",
     "lease_drains",
     "observe",

@@ -28,6 +28,9 @@ Walking the order is what makes "owned first": a lease is only reached once ever
 cluster before it has refused. The spill wait is checked last so that a lease refused by it
 alone is known to be the blocker, and the Wait says so.
 
+`hold_past_unknown` then turns into a Wait each Placement that passes over a cluster the
+job prefers while that cluster is neither up nor lost (see loss.known).
+
 A Wait's reason is stable text and its detail the live numbers (see reasons.py); a job that
 can never run (see `infeasible`) gets that permanent reason rather than a momentary one.
 """
@@ -36,7 +39,7 @@ from __future__ import annotations
 
 import bisect
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from orchestrator.scheduling import reasons
@@ -84,6 +87,40 @@ def place(
             hold = _Hold(decision.holds, job.job_id, job.priority)
         decisions.append(decision)
     return decisions
+
+
+def hold_past_unknown(
+    decisions: Sequence[Decision],
+    jobs: Sequence[JobRequest],
+    fleet: Sequence[ClusterSnapshot],
+    unknown: Collection[str],
+    now: float,
+) -> list[Decision]:
+    """`decisions` with each Placement that passes over a cluster in `unknown` made a Wait.
+
+    `unknown`: clusters neither up nor lost (their last probe failed, short of being declared
+    lost; or none answered yet). A job prefers such a cluster when it comes before the placed
+    one in the job's order and could take it when empty, in its lease window. Placing past it
+    would send the job elsewhere for the rest of its run on the strength of one probe that
+    timed out under load; waiting costs at most the fleet's lost_after_s, after which the
+    cluster is up again or lost (and then known)."""
+    by_id = {j.job_id: j for j in jobs}
+    out: list[Decision] = []
+    for decision in decisions:
+        job = by_id.get(decision.job_id)
+        if not isinstance(decision, Placement) or job is None:
+            out.append(decision)
+            continue
+        passed = []
+        for cluster in _accepted(job, fleet):
+            if cluster.name == decision.cluster:
+                break
+            in_window = cluster.kind != LEASED or cluster.lease_start <= now < cluster.lease_end
+            fits = cluster.devices_total >= job.world_sizes[0]
+            if cluster.name in unknown and in_window and fits:
+                passed.append(cluster.name)
+        out.append(Wait(job.job_id, reasons.not_heard_from(passed)) if passed else decision)
+    return out
 
 
 def infeasible(job: JobRequest, fleet: Sequence[ClusterSnapshot]) -> str | None:

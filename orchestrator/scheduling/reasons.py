@@ -33,9 +33,12 @@ class Refusal:
 
 
 def not_heard_from(names: Sequence[str]) -> str:
-    """Why nothing is placed in the controller's first seconds: a cluster's last probe failed
-    (or none ended yet) and it has not been declared lost."""
-    return f"waiting for an answer from {', '.join(names)} (the controller just started)"
+    """Why a job is not placed past a cluster it prefers: that cluster's last probe failed (or
+    none ended yet, as in the controller's first seconds) and it has not been declared lost."""
+    return (
+        f"waiting for an answer from {', '.join(names)} "
+        "(its last probe failed; it is up again or lost within lost_after_s)"
+    )
 
 
 def unreachable(cluster: ClusterSnapshot) -> Refusal:

@@ -35,6 +35,38 @@ class Spillway:
         return json.loads(done.stdout)
 
 
+def _fleet_story(home: Path) -> str:
+    """What a failed case's fleet was doing: its jobs as the controller has them, and the
+    controller's own log (found among the home head's worker logs by its logger's name)."""
+    from orchestrator.api.client import ApiClient
+    from orchestrator.api.discovery import read_client_file
+
+    lines = []
+    try:
+        client = ApiClient(read_client_file(str(home)))
+        for listed in client.jobs():
+            info = client.job(listed["job_id"])
+            info.pop("run_config", None)
+            lines.append(json.dumps(info, default=str)[:3000])
+    except Exception as exc:  # the story is told as far as the fleet still answers
+        lines.append(f"jobs not read: {exc!r}")
+    for log in sorted(home.glob("ray/*/session_latest/logs/worker-*.err")):
+        text = log.read_text(errors="replace")
+        if "spillway.controller" in text:
+            lines.append(f"--- {log}")
+            lines.extend(text.splitlines()[-150:])
+    return "\n".join(lines)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = yield
+    home = getattr(item, "funcargs", {}).get("fleet_home")
+    if report.when == "call" and report.failed and home is not None:
+        report.sections.append(("the fleet at the failure", _fleet_story(home)))
+    return report
+
+
 @pytest.fixture(scope="module")
 def fleet_home() -> Iterator[Path]:
     # Short on purpose: Ray's unix socket paths under the state dir must stay within 107 bytes.

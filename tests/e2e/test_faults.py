@@ -119,7 +119,11 @@ def test_1_a_planned_lease_end_moves_the_job_home_on_another_world_size(
         "resources.min_devices=2",
         "placement.lease_drain_margin_s=20",
     )
-    wait_for(lambda: last_step(fleet_home, j) >= 10, what="L past step 10", poll_s=0.2)
+    # The module's first job: a cold partner (its first runtime_env, its workers' imports) while
+    # the uninterrupted reference trains beside it.
+    wait_for(
+        lambda: last_step(fleet_home, j) >= 10, timeout_s=240, what="L past step 10", poll_s=0.2
+    )
     # Home's Jobs API hangs the whole time the partner drains (its dashboard accepts
     # connections and never answers): the drain on the partner is not delayed by it.
     hung = head_pids(fleet_home, "home", "dashboard.py")

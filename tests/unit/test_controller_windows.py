@@ -324,6 +324,31 @@ def test_placement_waits_for_a_cluster_whose_first_probes_failed_then_goes_on(
         fleet.close()
 
 
+def test_a_probe_that_times_out_long_after_the_start_sends_no_job_past_its_cluster(root):
+    """Under load a probe times out now and then (e2e on two cores: a dashboard slow for 2 s).
+    A job that prefers that cluster waits for its next answer rather than going elsewhere."""
+    fleet = two_owned(root)
+    controller = fleet.controller(root / "state")
+    try:
+        for _ in range(30):  # long past the first seconds, well past lost_after_s
+            fleet.tick(controller)
+        fleet["partner"].hang()
+        fleet.run_until(controller, lambda: controller._loss["partner"].failing_since is not None)
+        job_id = launch(controller, fleet, "placement.clusters=[partner,home]")
+        for _ in range(3):
+            fleet.tick(controller)
+        assert controller.state.attempts(job_id) == []
+        reason = controller.state.get_job(job_id).reason
+        assert reason.startswith("waiting for an answer from partner"), reason
+        fleet["partner"].heal()
+        time.sleep(fleet["partner"].hang_s + 0.1)  # the probe that hung in real time
+        fleet.run_until(controller, lambda: controller.state.attempts(job_id), max_s=30)
+        assert controller.state.attempts(job_id)[0].cluster == "partner"
+    finally:
+        controller.close()
+        fleet.close()
+
+
 def test_a_restart_told_a_step_that_does_not_verify_passes_it_over_next_time(fleet, root):
     controller = fleet.controller(root / "state")
     try:

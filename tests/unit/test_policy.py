@@ -9,6 +9,7 @@ from orchestrator.scheduling import (
     JobRequest,
     Placement,
     Wait,
+    hold_past_unknown,
     infeasible,
     place,
     queue_order,
@@ -231,6 +232,32 @@ def test_equal_priority_is_first_come_first_served():
 def test_unreachable_cluster_is_skipped():
     assert decide(job(), [home(reachable=False), partner()]).cluster == "partner"
     assert decide(job(), [home(reachable=False)]) == Wait("j", "home: unreachable", {})
+
+
+def test_a_job_is_not_placed_past_a_cluster_it_prefers_while_that_cluster_is_unknown():
+    """Unknown: its last probe failed, short of lost. The job waits for it rather than going
+    to its second choice for good; a job that prefers the placed cluster is not held."""
+    fleet = [home(reachable=False), partner()]
+    jobs = [job("a"), job("b", clusters=("partner", "home"))]
+    decided = place(jobs, fleet, NOW)
+    assert [d.cluster for d in decided] == ["partner", "partner"]
+    held = hold_past_unknown(decided, jobs, fleet, {"home"}, NOW)
+    assert isinstance(held[0], Wait) and held[0].reason.startswith(
+        "waiting for an answer from home"
+    )
+    assert held[1] == decided[1]
+    # Lost (no longer unknown), or one that could never take it: passed over as before.
+    assert hold_past_unknown(decided, jobs, fleet, set(), NOW) == decided
+    too_small = [home(reachable=False, devices_total=1, devices_free=1), partner()]
+    assert hold_past_unknown(place(jobs, too_small, NOW), jobs, too_small, {"home"}, NOW) == (
+        place(jobs, too_small, NOW)
+    )
+    # A lease outside its window is not waited for either.
+    ended = [home(), partner(reachable=False, lease_end=NOW - 1)]
+    late = [job("c", clusters=("partner", "home"))]
+    assert hold_past_unknown(place(late, ended, NOW), late, ended, {"partner"}, NOW) == place(
+        late, ended, NOW
+    )
 
 
 def test_lease_that_has_not_started_or_has_ended_is_skipped():
