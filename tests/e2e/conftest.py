@@ -46,8 +46,16 @@ def _fleet_story(home: Path) -> str:
         client = ApiClient(read_client_file(str(home)))
         for listed in client.jobs():
             info = client.job(listed["job_id"])
-            info.pop("run_config", None)
-            lines.append(json.dumps(info, default=str)[:3000])
+            lines.append(f"{info['job_id']} {info['name']} {info['state']}: {info['reason']}")
+            for a in info["attempts"]:
+                lines.append(
+                    f"  attempt {a['attempt']} on {a['cluster']} x{a['world_size']} "
+                    f"{a['state']} steps {a['first_step']}-{a['last_step']}: "
+                    f"{(a['exit_reason'] or '')[-400:]!r}"
+                )
+            lines.extend(
+                f"  {e['at']:.1f} {e['to'] or e['kind']}: {e['cause']}" for e in info["events"]
+            )
     except Exception as exc:  # the story is told as far as the fleet still answers
         lines.append(f"jobs not read: {exc!r}")
     for log in sorted(home.glob("ray/*/session_latest/logs/worker-*.err")):
