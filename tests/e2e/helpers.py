@@ -19,7 +19,14 @@ def job(spillway, job_id: str) -> dict:
     return ApiClient(read_client_file(str(spillway.home))).job(job_id)
 
 
-def wait_for(predicate, timeout_s: float = 120, what: str = "condition", poll_s: float = 0.5):
+# How long a case waits for what should take seconds to a minute: a bound that catches a hang,
+# not a speed check, so it allows for a CI machine several times slower than this one.
+WAIT_S = 240
+# How long `spillway wait` may take for a whole job (and its CLI process a minute more).
+JOB_WAIT_S = 480
+
+
+def wait_for(predicate, timeout_s: float = WAIT_S, what: str = "condition", poll_s: float = 0.5):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()

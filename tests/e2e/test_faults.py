@@ -33,7 +33,7 @@ from tests.e2e.faults import (
     rank_pids,
     views,
 )
-from tests.e2e.helpers import controller_beat, job, wait_for
+from tests.e2e.helpers import JOB_WAIT_S, controller_beat, job, wait_for
 from tests.secrets_scan import find_secrets, fleet_secrets, secret_files
 
 pytestmark = pytest.mark.slow
@@ -76,7 +76,7 @@ def start(spillway, *overrides: str) -> str:
 
 
 def finish(spillway, job_id: str) -> dict:
-    waited = spillway("wait", job_id, "--timeout", "300", timeout=360)
+    waited = spillway("wait", job_id, "--timeout", str(JOB_WAIT_S), timeout=JOB_WAIT_S + 60)
     info = job(spillway, job_id)
     assert waited.returncode == 0, (info, waited.stderr[-2000:])
     return info
@@ -119,11 +119,7 @@ def test_1_a_planned_lease_end_moves_the_job_home_on_another_world_size(
         "resources.min_devices=2",
         "placement.lease_drain_margin_s=20",
     )
-    # The module's first job: a cold partner (its first runtime_env, its workers' imports) while
-    # the uninterrupted reference trains beside it.
-    wait_for(
-        lambda: last_step(fleet_home, j) >= 10, timeout_s=240, what="L past step 10", poll_s=0.2
-    )
+    wait_for(lambda: last_step(fleet_home, j) >= 10, what="L past step 10", poll_s=0.2)
     # Home's Jobs API hangs the whole time the partner drains (its dashboard accepts
     # connections and never answers): the drain on the partner is not delayed by it.
     hung = head_pids(fleet_home, "home", "dashboard.py")

@@ -19,7 +19,7 @@ from orchestrator.controller.state import ControllerState
 from orchestrator.fleet.processes import session_pids
 from tests.e2e.conftest import Spillway
 from tests.e2e.faults import cluster
-from tests.e2e.helpers import controller_beat, job, wait_for
+from tests.e2e.helpers import JOB_WAIT_S, controller_beat, job, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def test_first_launch_starts_the_fleet_spills_the_second_job_and_brings_it_home(
     b = launch(spillway, "trainer.max_steps=200", "run_name=B", "placement.return_home=true")
 
     for job_id in (a, b):
-        waited = spillway("wait", job_id, "--timeout", "240", timeout=300)
+        waited = spillway("wait", job_id, "--timeout", str(JOB_WAIT_S), timeout=JOB_WAIT_S + 60)
         assert waited.returncode == 0, (job(spillway, job_id), waited.stderr[-2000:])
     where = {j: job(spillway, j)["attempts"] for j in (a, b)}
     assert [(x["cluster"], x["world_size"], x["state"]) for x in where[a]] == [
@@ -83,7 +83,9 @@ def test_preemption_then_cancel_stops_the_ray_job_and_frees_its_devices(spillway
         "placement.clusters=[home]",
         "placement.priority=5",
     )
-    assert spillway("wait", p, "--timeout", "240", timeout=300).returncode == 0
+    assert (
+        spillway("wait", p, "--timeout", str(JOB_WAIT_S), timeout=JOB_WAIT_S + 60).returncode == 0
+    )
     assert [(a["cluster"], a["state"]) for a in job(spillway, p)["attempts"]] == [
         ("home", "SUCCEEDED")
     ]
@@ -153,10 +155,14 @@ def test_bad_launches_submit_nothing(spillway, fleet_home, overrides, words):
 
 def test_resume_continues_a_finished_job_from_its_checkpoint(spillway, fleet_home):
     e = launch(spillway, "trainer.max_steps=20", "run_name=E")
-    assert spillway("wait", e, "--timeout", "200", timeout=260).returncode == 0
+    assert (
+        spillway("wait", e, "--timeout", str(JOB_WAIT_S), timeout=JOB_WAIT_S + 60).returncode == 0
+    )
     done = spillway("resume", e, "trainer.max_steps=40")
     assert done.returncode == 0 and "PENDING" in done.stdout
-    assert spillway("wait", e, "--timeout", "200", timeout=260).returncode == 0
+    assert (
+        spillway("wait", e, "--timeout", str(JOB_WAIT_S), timeout=JOB_WAIT_S + 60).returncode == 0
+    )
     attempts = job(spillway, e)["attempts"]
     assert [x["state"] for x in attempts] == ["SUCCEEDED", "SUCCEEDED"]
     assert attempts[1]["cluster"] == attempts[0]["cluster"]
@@ -166,7 +172,9 @@ def test_resume_continues_a_finished_job_from_its_checkpoint(spillway, fleet_hom
 
 def test_a_job_moved_to_another_cluster_takes_its_checkpoint_along(spillway, fleet_home):
     f = launch(spillway, "trainer.max_steps=20", "run_name=F")
-    assert spillway("wait", f, "--timeout", "200", timeout=260).returncode == 0
+    assert (
+        spillway("wait", f, "--timeout", str(JOB_WAIT_S), timeout=JOB_WAIT_S + 60).returncode == 0
+    )
     first = job(spillway, f)["attempts"][0]
     other, devices = ("partner", 4) if first["cluster"] == "home" else ("home", 2)
     moved = spillway(
@@ -177,7 +185,9 @@ def test_a_job_moved_to_another_cluster_takes_its_checkpoint_along(spillway, fle
         f"resources.devices={devices}",
     )
     assert moved.returncode == 0, moved.stderr
-    assert spillway("wait", f, "--timeout", "200", timeout=260).returncode == 0
+    assert (
+        spillway("wait", f, "--timeout", str(JOB_WAIT_S), timeout=JOB_WAIT_S + 60).returncode == 0
+    )
     info = job(spillway, f)
     second = info["attempts"][1]
     assert (second["cluster"], second["world_size"], second["state"]) == (
@@ -272,7 +282,16 @@ def laptop(spillway: Spillway, fleet_home: Path) -> Iterator[Spillway]:
     # The fleet's own home starts the fleet and its controller with a first small job.
     first = spillway("launch", *TINY, "trainer.max_steps=5", "run_name=warmup", "--json")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert spillway("wait", json.loads(first.stdout)["job_id"], "--timeout", "240").returncode == 0
+    assert (
+        spillway(
+            "wait",
+            json.loads(first.stdout)["job_id"],
+            "--timeout",
+            str(JOB_WAIT_S),
+            timeout=JOB_WAIT_S + 60,
+        ).returncode
+        == 0
+    )
     recorded = json.loads((fleet_home / "client.json").read_text())
     assert recorded["url"].startswith("http://127.0.0.1:") and recorded["fleet"] == "local"
 
@@ -290,7 +309,7 @@ def test_a_client_only_home_drives_a_job_to_succeeded(laptop: Spillway) -> None:
     done = laptop("launch", *TINY, "trainer.max_steps=20", "run_name=laptop", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     job_id = json.loads(done.stdout)["job_id"]
-    waited = laptop("wait", job_id, "--timeout", "240", timeout=300)
+    waited = laptop("wait", job_id, "--timeout", str(JOB_WAIT_S), timeout=JOB_WAIT_S + 60)
     assert waited.returncode == 0, waited.stderr[-2000:]
 
     info = laptop.json("status", job_id)
