@@ -402,6 +402,8 @@ class Controller(PlacingMixin, FinishingMixin):
             self._request_drain(job, attempt, cluster, now)
         elif isinstance(decision, w.Finished):
             self._finish(job, attempt, cluster, decision.info, now)
+        elif isinstance(decision, w.Acknowledged):
+            self._acknowledged(job, attempt, cluster, decision.step, now)
         self._record_progress(job, attempt, cluster, now)
 
     def _record_progress(self, job, attempt, cluster: ClusterView, now: float) -> None:
@@ -458,14 +460,22 @@ class Controller(PlacingMixin, FinishingMixin):
     def _release(
         self, attempt: AttemptRecord, clusters: dict[str, ClusterView], verdicts: dict[str, str]
     ) -> None:
-        """An attempt that ended unheard holds its devices until its cluster says it stopped;
-        while it still runs there (a partition healed) it is stopped."""
+        """An attempt that ended unheard, or that exits after its acknowledged drain, holds its
+        devices until its cluster says it stopped; while it still runs there (a partition
+        healed, an exit that hangs) it is stopped."""
         cluster = clusters.get(attempt.cluster)
         now = self.clock()
         if cluster is None:
             self.state.update_attempt(attempt.job_id, attempt.attempt, released_at=now)
             return
-        verdict = w.release(self._seen_attempt(attempt), verdicts.get(cluster.name, "suspect"))
+        # One exiting after its acknowledged drain is given drain_timeout_s to end by itself.
+        exiting = (
+            attempt.state == AttemptState.DRAINED
+            and now - (attempt.ended_at or now)
+            < _placement(self._job(attempt.job_id))["drain_timeout_s"]
+        )
+        seen = self._seen_attempt(attempt)
+        verdict = w.release(seen, verdicts.get(cluster.name, "suspect"), exiting)
         if verdict == "released":
             with self.state.decision() as tx:
                 tx.update_attempt(attempt.job_id, attempt.attempt, released_at=now)

@@ -92,20 +92,7 @@ class FinishingMixin:
                     attempt.attempt,
                 )
             elif outcome == Outcome.DRAINED:
-                why = ""
-                if job.state != JobState.DRAINING:
-                    # Not our request: a SIGTERM from outside, the partner taking its nodes
-                    # back. Move on, to this cluster only if nothing else has room.
-                    ack = (seen.ack if seen else None) or {}
-                    why = f" ({ack.get('reason', 'SIGTERM')})"
-                    fields["interrupted_at"] = attempt.interrupted_at or ack.get("at", now)
-                    order = self._order(job)
-                    tx.set_next_clusters(
-                        job.job_id, [c for c in order if c != cluster.name] + [cluster.name]
-                    )
-                tx.update_attempt(job.job_id, attempt.attempt, state=AttemptState.DRAINED, **fields)
-                cause = f"drained on {cluster.name}{at}{why}; back to the queue with its checkpoint"
-                self._settle(tx, job.job_id, JobState.PENDING, cause, now, attempt.attempt)
+                self._drained(tx, job, attempt, cluster, fields, seen, now)
             elif outcome == Outcome.NO_CAPACITY:
                 tx.update_attempt(job.job_id, attempt.attempt, state=AttemptState.FAILED, **fields)
                 self._back_off(tx, job, now)
@@ -186,6 +173,43 @@ class FinishingMixin:
             return
         tx.set_next_clusters(job.job_id, plan.next_clusters)
         self._settle(tx, job.job_id, JobState.PENDING, plan.cause, now, attempt.attempt)
+
+    def _acknowledged(
+        self, job: JobRecord, attempt: AttemptRecord, cluster: ClusterView, step: int, now
+    ) -> None:
+        """An attempt that acknowledged its drain after `step`, that step's commit read, hands
+        the job on while its process exits: DRAINED now, its devices booked until its cluster
+        says it ended (Controller._release), as for an attempt that ended unheard."""
+        seen = self._seen_attempt(attempt)
+        fields = self._ended(job, attempt, cluster, now, seen)
+        # Its metrics reach the store every logger.metrics_flush_s; the acknowledgement is sure.
+        fields["last_step"] = max(fields.get("last_step") or 0, step)
+        fields["exit_reason"] = f"acknowledged its drain after step {step}, then exited"
+        with self.state.decision() as tx:
+            tx.add_cost(job.job_id, fields["cost"])
+            self._record_commits(tx, job.job_id, attempt, cluster, seen, now)
+            self._drained(tx, job, attempt, cluster, fields, seen, now)
+
+    def _drained(
+        self, tx: Transaction, job: JobRecord, attempt: AttemptRecord, cluster: ClusterView,
+        fields: dict, seen: AttemptSeen | None, now: float,
+    ) -> None:  # fmt: skip
+        """The attempt DRAINED, the job back to the queue with its checkpoint."""
+        at = f" after step {fields['last_step']}" if fields.get("last_step") else ""
+        why = ""
+        if job.state != JobState.DRAINING:
+            # Not our request: a SIGTERM from outside, the partner taking its nodes back. Move
+            # on, to this cluster only if nothing else has room.
+            ack = (seen.ack if seen else None) or {}
+            why = f" ({ack.get('reason', 'SIGTERM')})"
+            fields["interrupted_at"] = attempt.interrupted_at or ack.get("at", now)
+            order = self._order(job)
+            tx.set_next_clusters(
+                job.job_id, [c for c in order if c != cluster.name] + [cluster.name]
+            )
+        tx.update_attempt(job.job_id, attempt.attempt, state=AttemptState.DRAINED, **fields)
+        cause = f"drained on {cluster.name}{at}{why}; back to the queue with its checkpoint"
+        self._settle(tx, job.job_id, JobState.PENDING, cause, now, attempt.attempt)
 
     def _back_off(self, tx: Transaction, job: JobRecord, now: float) -> None:
         """One more attempt that could not start: the next placement waits longer."""

@@ -105,17 +105,23 @@ def _observe_attempt(cluster: ClusterView, backend: ClusterBackend, w: Watched) 
     files = run_files(cluster, w.job_id, w.attempt)
     news: dict = {}
     try:
+        ended = info.status in TERMINAL
+        if ended or w.draining:
+            # Read first: the attempt commits, then acknowledges, so what is read after an
+            # acknowledgement includes the step it names.
+            news["ack"] = files.drain_ack()
         news["last_save"] = files.last_save()
         news["last"] = files.last_metrics()
         if w.read_steps:
             news["first"] = files.first_metrics()
-        ended = info.status in TERMINAL
-        if ended or w.draining:
-            news["ack"] = files.drain_ack()
         saved = (news["last_save"] or {}).get("step")
+        acked = (news.get("ack") or {}).get("step")
         if ended:
             # The whole listing once it ended: what it left, and what is gone from the store.
             news["commits"], news["listed"] = committed(cluster, w.job_id), True
+        elif acked is not None:
+            # Exiting after its drain: the acknowledged step's commit, for the hand-over.
+            news["commits"] = {acked: commit_of(cluster, w.job_id, acked)}
         elif saved is not None and saved != w.last_save_step:
             # While it runs, one manifest per new save: a tick costs one read, not a listing.
             news["commits"] = {saved: commit_of(cluster, w.job_id, saved)}

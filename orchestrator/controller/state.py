@@ -50,7 +50,9 @@ _ACTIVE_SQL = ", ".join("?" for _ in _ACTIVE)
 _HOLDING = tuple(s.value for s in HOLDS_DEVICES)
 _HOLDING_SQL = ", ".join("?" for _ in _HOLDING)
 # Attempts that can end without their cluster's word; they hold devices until released.
-_UNHEARD = (AttemptState.LOST.value, AttemptState.STOPPED.value)
+# Ended while it may still run: unheard (LOST), stopped while unreachable, or exiting after
+# its acknowledged drain (DRAINED before its Ray job ended).
+_UNHEARD = (AttemptState.LOST.value, AttemptState.STOPPED.value, AttemptState.DRAINED.value)
 
 
 def _one_transaction(write: Callable[..., T]) -> Callable[..., T]:
@@ -277,16 +279,17 @@ class ControllerState:
         partitioned attempt may still be training there)."""
         rows = self._read(
             f"SELECT COALESCE(SUM(world_size), 0) FROM attempts WHERE cluster = ? AND"
-            f" (state IN ({_HOLDING_SQL}) OR (state IN (?, ?) AND released_at IS NULL))",
+            f" (state IN ({_HOLDING_SQL}) OR (state IN (?, ?, ?) AND released_at IS NULL))",
             (cluster, *_HOLDING, *_UNHEARD),
         )
         return int(rows[0][0])
 
     def unreleased_attempts(self) -> list[AttemptRecord]:
-        """Attempts that ended unheard and may still run (LOST, or STOPPED by a cancel):
-        each is stopped, if need be, once its cluster answers, and released when it says so."""
+        """Attempts that ended and may still run (LOST, STOPPED by a cancel, DRAINED and
+        exiting): each is stopped, if need be, once its cluster answers, and released when it
+        says so."""
         rows = self._read(
-            "SELECT * FROM attempts WHERE state IN (?, ?) AND released_at IS NULL"
+            "SELECT * FROM attempts WHERE state IN (?, ?, ?) AND released_at IS NULL"
             " ORDER BY created_at, job_id, attempt",
             _UNHEARD,
         )

@@ -47,6 +47,14 @@ class Finished:
 
 
 @dataclass(frozen=True)
+class Acknowledged:
+    """Its drain acknowledged and the acknowledged step's commit read: the job moves on while
+    the attempt's process exits."""
+
+    step: int
+
+
+@dataclass(frozen=True)
 class Lose:
     """End it unheard: `stop` asks the cluster to stop it too; `cluster_lost` tells recovery
     to leave the cluster as lost."""
@@ -61,7 +69,17 @@ class StopCancelled:
     pass
 
 
-Decision = Nothing | Confirm | Resubmit | Started | RequestDrain | Finished | Lose | StopCancelled
+Decision = (
+    Nothing
+    | Confirm
+    | Resubmit
+    | Started
+    | RequestDrain
+    | Finished
+    | Acknowledged
+    | Lose
+    | StopCancelled
+)
 
 
 @dataclass(frozen=True)
@@ -119,6 +137,11 @@ def watch(
     if job_state == JobState.DRAINING:
         if attempt.interrupted_at is None:
             return RequestDrain()
+        acked = (seen.ack or {}).get("step")
+        if acked is not None and acked in (seen.commits or {}):
+            # What is left is the process's exit (Ray's shutdown: 1-1.5 s measured); the next
+            # attempt need not wait for it, only for the devices it still holds.
+            return Acknowledged(acked)
         if now - attempt.interrupted_at > limits.drain_timeout_s:
             what = (
                 f"attempt {attempt.attempt} did not acknowledge its drain within "
@@ -130,11 +153,13 @@ def watch(
     return Nothing()
 
 
-def release(seen: AttemptSeen | None, cluster_verdict: str) -> str:
-    """For an attempt that ended unheard (LOST, or stopped while unreachable): "released"
-    once its cluster says it no longer runs, "stop" while it still does, "wait" without word."""
+def release(seen: AttemptSeen | None, cluster_verdict: str, exiting: bool = False) -> str:
+    """For an attempt that ended unheard (LOST, or stopped while unreachable) or that is
+    exiting after its acknowledged drain: "released" once its cluster says it no longer runs,
+    "stop" while it still does (an exiting one is waited for instead: stopping it would cut its
+    last log lines), "wait" without word."""
     if seen is None or cluster_verdict != "up" or seen.error is not None:
         return "wait"
     if seen.known is False or (seen.info is not None and seen.info.status in TERMINAL):
         return "released"
-    return "stop"
+    return "wait" if exiting else "stop"

@@ -192,6 +192,8 @@ def test_attempts_numbering_active_and_devices(st: ControllerState) -> None:
         exit_reason="lease ending",
         cost=3.5,
     )
+    assert st.devices_in_use("owned-a") == 10  # drained, exiting: held until it is released
+    st.update_attempt(a.job_id, 1, released_at=T0 + 10)
     assert st.devices_in_use("owned-a") == 2
     assert [(x.job_id, x.attempt) for x in st.active_attempts()] == [
         (a.job_id, 2),

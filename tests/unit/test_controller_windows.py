@@ -497,3 +497,40 @@ def test_an_attempt_exiting_after_its_drain_ack_hurries_the_loop(root):
     finally:
         controller.close()
         fleet.close()
+
+
+@pytest.mark.parametrize("exit_s", [5.0, 1000.0])
+def test_a_drained_attempt_hands_over_at_its_ack_and_holds_its_devices_until_it_ends(root, exit_s):
+    """The next attempt starts once the drain is acknowledged and that step's commit read, not
+    when the drained process has exited (Ray's shutdown, 1-1.5 s); the exiting attempt keeps its
+    devices booked until its cluster says it ended, and one whose exit hangs past
+    placement.drain_timeout_s is stopped."""
+    from orchestrator.controller.requests import migrate_job
+
+    fleet = FakeFleet(
+        root, [FakeCluster("home", "owned", 2, exit_s=exit_s), FakeCluster("partner", "owned", 2)]
+    )
+    controller = fleet.controller(root / "state")
+    try:
+        job_id = launch(controller, fleet, "trainer.max_steps=60", "placement.drain_timeout_s=30")
+        fleet.run_until(controller, lambda: state_of(controller, job_id) == JobState.RUNNING)
+        migrate_job(controller.state, job_id, "partner", fleet.clock())
+        fleet.run_until(controller, lambda: len(controller.state.attempts(job_id)) == 2, max_s=30)
+        drained = controller.state.attempts(job_id)[0]
+        assert drained.state == AttemptState.DRAINED and drained.released_at is None
+        (exiting,) = [a for a in live_attempts(fleet, job_id) if a.cluster.name == "home"]
+        assert controller.state.devices_in_use("home") == 2  # booked while it exits
+        fleet.run_until(
+            controller, lambda: controller.state.attempts(job_id)[0].released_at, max_s=60
+        )
+        assert controller.state.devices_in_use("home") == 0
+        assert exiting.status == ("STOPPED" if exit_s > 30 else "FAILED"), exiting.status
+        run_checked(fleet, controller, job_id)
+        first, second = controller.state.attempts(job_id)
+        assert second.cluster == "partner" and second.first_step == first.last_step + 1
+        assert second.steps_redone == 0
+        steps = [r["step"] for r in every_step_once(fleet, controller, job_id)]
+        assert steps == list(range(1, 61))
+    finally:
+        controller.close()
+        fleet.close()
