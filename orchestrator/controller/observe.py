@@ -116,12 +116,11 @@ def _observe_attempt(cluster: ClusterView, backend: ClusterBackend, w: Watched) 
             news["first"] = files.first_metrics()
         saved = (news["last_save"] or {}).get("step")
         acked = (news.get("ack") or {}).get("step")
-        if ended:
-            # The whole listing once it ended: what it left, and what is gone from the store.
+        if ended or acked is not None:
+            # The whole listing once it ended or acknowledged its drain (it commits nothing
+            # more): what it left, and what is gone from the store. Saves a tick apart are
+            # seen one manifest at a time, the newest, so only this finds every one.
             news["commits"], news["listed"] = committed(cluster, w.job_id), True
-        elif acked is not None:
-            # Exiting after its drain: the acknowledged step's commit, for the hand-over.
-            news["commits"] = {acked: commit_of(cluster, w.job_id, acked)}
         elif saved is not None and saved != w.last_save_step:
             # While it runs, one manifest per new save: a tick costs one read, not a listing.
             news["commits"] = {saved: commit_of(cluster, w.job_id, saved)}

@@ -507,13 +507,13 @@ def test_a_drained_attempt_hands_over_at_its_ack_and_holds_its_devices_until_it_
     placement.drain_timeout_s is stopped."""
     from orchestrator.controller.requests import migrate_job
 
-    fleet = FakeFleet(
-        root, [FakeCluster("home", "owned", 2, exit_s=exit_s), FakeCluster("partner", "owned", 2)]
-    )
+    # Ten steps a tick on home, a save every five: two saves between two looks.
+    home = FakeCluster("home", "owned", 2, exit_s=exit_s, step_s=0.1)
+    fleet = FakeFleet(root, [home, FakeCluster("partner", "owned", 2)])
     controller = fleet.controller(root / "state")
     try:
         job_id = launch(controller, fleet, "trainer.max_steps=60", "placement.drain_timeout_s=30")
-        fleet.run_until(controller, lambda: state_of(controller, job_id) == JobState.RUNNING)
+        fleet.run_until(controller, lambda: any(a.step >= 20 for a in home.live()))
         migrate_job(controller.state, job_id, "partner", fleet.clock())
         fleet.run_until(controller, lambda: len(controller.state.attempts(job_id)) == 2, max_s=30)
         drained = controller.state.attempts(job_id)[0]
@@ -524,6 +524,10 @@ def test_a_drained_attempt_hands_over_at_its_ack_and_holds_its_devices_until_it_
             controller, lambda: controller.state.attempts(job_id)[0].released_at, max_s=60
         )
         assert controller.state.devices_in_use("home") == 0
+        # The catalog holds every commit the drained attempt left, not only the ones looked at.
+        fs, path = open_root(checkpoints_url(home.view(), job_id))
+        kept = sorted(c.step for c in controller.state.checkpoints(job_id) if c.cluster == "home")
+        assert kept == sorted(catalog.committed_steps(fs, path)) and len(kept) == 2, kept
         assert exiting.status == ("STOPPED" if exit_s > 30 else "FAILED"), exiting.status
         run_checked(fleet, controller, job_id)
         first, second = controller.state.attempts(job_id)
