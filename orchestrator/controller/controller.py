@@ -101,6 +101,7 @@ class Controller(PlacingMixin, FinishingMixin):
         self._observing: dict[str, tuple[float, Future]] = {}
         self._loss: dict[str, loss.ProbeHistory] = {}
         self._verdict_said: dict[str, str] = {}  # the last verdict logged per cluster
+        self._draining = False  # an attempt asked to drain still runs (see hurried)
         # Calls queued on lanes whose outcome the loop applies once they finish.
         self._effects: list[tuple[Future, Callable[[Future], None]]] = []
         self._pruned_since_start = False  # see FinishingMixin._retain_after_a_restart
@@ -181,7 +182,12 @@ class Controller(PlacingMixin, FinishingMixin):
 
     def _watched(self) -> dict[str, list[Watched]]:
         by_cluster: dict[str, list[Watched]] = {}
-        for a in [*self.state.active_attempts(), *self.state.unreleased_attempts()]:
+        active = self.state.active_attempts()
+        # Asked to drain and not yet acknowledged: bounded by placement.drain_timeout_s.
+        self._draining = any(
+            a.interrupted_at is not None and a.state == AttemptState.RUNNING for a in active
+        )
+        for a in [*active, *self.state.unreleased_attempts()]:
             saved = self._seen_attempt(a)
             last = (saved.last_save or {}).get("step") if saved else None
             by_cluster.setdefault(a.cluster, []).append(
@@ -197,10 +203,11 @@ class Controller(PlacingMixin, FinishingMixin):
         return by_cluster
 
     def hurried(self) -> bool:
-        """Whether an attempt has acknowledged its drain (its checkpoint committed) and is only
-        exiting: its end starts the job's next attempt, so the loop should look again within
-        a fraction of a second rather than at its next tick."""
-        return any(
+        """Whether an attempt was asked to drain and still runs, or has acknowledged its drain
+        and is only exiting: its acknowledgement starts the job's next attempt and its end
+        frees its devices, so the loop should look again within a fraction of a second rather
+        than at its next tick (a drain's save takes about half a second)."""
+        return self._draining or any(
             seen.ack is not None and seen.info is not None and seen.info.status not in TERMINAL
             for cluster in self._seen.values()
             for seen in cluster.attempts.values()

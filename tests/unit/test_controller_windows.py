@@ -471,9 +471,9 @@ def test_a_migrate_refused_half_way_changes_nothing(fleet, root):
 
 
 def test_an_attempt_exiting_after_its_drain_ack_hurries_the_loop(root):
-    """From a drain's acknowledgement (its checkpoint committed) to the Ray job's end the loop
-    looks again at once (Controller.hurried), since that end starts the next attempt; before the
-    acknowledgement and once the attempt ended, it keeps its usual period."""
+    """From a drain's request to the Ray job's end the loop looks again at once
+    (Controller.hurried), since the acknowledgement starts the next attempt and the end frees
+    the devices; before the request and once the attempt ended, it keeps its usual period."""
     from orchestrator.controller.requests import migrate_job
 
     fleet = FakeFleet(
@@ -488,7 +488,10 @@ def test_an_attempt_exiting_after_its_drain_ack_hurries_the_loop(root):
         migrate_job(controller.state, job_id, "partner", fleet.clock())
         fleet.run_until(controller, controller.hurried, max_s=30)
         (exiting,) = live_attempts(fleet, job_id)
-        assert exiting.cluster.name == "home" and exiting.run_dir.drain_ack() is not None
+        assert exiting.cluster.name == "home"
+        fleet.run_until(controller, lambda: exiting.run_dir.drain_ack() is not None, max_s=30)
+        fleet.tick(controller)
+        assert controller.hurried() and exiting.status == "RUNNING"  # acknowledged, exiting
         fleet.run_until(controller, lambda: not controller.hurried(), max_s=30)
         assert all(a.cluster.name == "partner" for a in live_attempts(fleet, job_id))
         run_checked(fleet, controller, job_id)
