@@ -35,7 +35,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from orchestrator.backends.base import TERMINAL, ClusterBackend
+from orchestrator.backends.base import ClusterBackend
 from orchestrator.backends.ray_jobs import RayJobsBackend
 from orchestrator.controller import watch as w
 from orchestrator.controller.finishing import FinishingMixin
@@ -101,7 +101,6 @@ class Controller(PlacingMixin, FinishingMixin):
         self._observing: dict[str, tuple[float, Future]] = {}
         self._loss: dict[str, loss.ProbeHistory] = {}
         self._verdict_said: dict[str, str] = {}  # the last verdict logged per cluster
-        self._draining = False  # an attempt asked to drain still runs (see hurried)
         # Calls queued on lanes whose outcome the loop applies once they finish.
         self._effects: list[tuple[Future, Callable[[Future], None]]] = []
         self._pruned_since_start = False  # see FinishingMixin._retain_after_a_restart
@@ -182,12 +181,9 @@ class Controller(PlacingMixin, FinishingMixin):
 
     def _watched(self) -> dict[str, list[Watched]]:
         by_cluster: dict[str, list[Watched]] = {}
-        active = self.state.active_attempts()
-        # Asked to drain and not yet acknowledged: bounded by placement.drain_timeout_s.
-        self._draining = any(
-            a.interrupted_at is not None and a.state == AttemptState.RUNNING for a in active
-        )
-        for a in [*active, *self.state.unreleased_attempts()]:
+        attempts = [(a, True) for a in self.state.active_attempts()]
+        attempts += [(a, False) for a in self.state.unreleased_attempts()]
+        for a, active in attempts:
             saved = self._seen_attempt(a)
             last = (saved.last_save or {}).get("step") if saved else None
             by_cluster.setdefault(a.cluster, []).append(
@@ -197,20 +193,30 @@ class Controller(PlacingMixin, FinishingMixin):
                     a.ray_job_id,
                     a.first_step_at is None,
                     last,
-                    draining=a.interrupted_at is not None,
+                    # Not once it handed over (or ended unheard): only its end is looked for.
+                    draining=active and a.interrupted_at is not None,
                 )
             )
         return by_cluster
 
     def hurried(self) -> bool:
-        """Whether an attempt was asked to drain and still runs, or has acknowledged its drain
-        and is only exiting: its acknowledgement starts the job's next attempt and its end
-        frees its devices, so the loop should look again within a fraction of a second rather
-        than at its next tick (a drain's save takes about half a second)."""
-        return self._draining or any(
-            seen.ack is not None and seen.info is not None and seen.info.status not in TERMINAL
-            for cluster in self._seen.values()
-            for seen in cluster.attempts.values()
+        """Whether an attempt was asked to drain and still runs, or has handed over and is only
+        exiting: its acknowledgement starts the job's next attempt and its end frees its
+        devices, so the loop should look again within a fraction of a second rather than at
+        its next tick (a drain's save takes about half a second)."""
+        now = self.clock()
+        return any(
+            a.interrupted_at is not None and a.state == AttemptState.RUNNING
+            for a in self.state.active_attempts()
+        ) or any(self._exiting(a, now) for a in self.state.unreleased_attempts())
+
+    def _exiting(self, attempt: AttemptRecord, now: float) -> bool:
+        """DRAINED at its acknowledgement and not yet ended, within the drain_timeout_s it is
+        given to end by itself (then it is stopped)."""
+        return (
+            attempt.state == AttemptState.DRAINED
+            and now - (attempt.ended_at or now)
+            < _placement(self._job(attempt.job_id))["drain_timeout_s"]
         )
 
     def _observe(self, clusters: dict[str, ClusterView], now: float) -> None:
@@ -475,14 +481,10 @@ class Controller(PlacingMixin, FinishingMixin):
         if cluster is None:
             self.state.update_attempt(attempt.job_id, attempt.attempt, released_at=now)
             return
-        # One exiting after its acknowledged drain is given drain_timeout_s to end by itself.
-        exiting = (
-            attempt.state == AttemptState.DRAINED
-            and now - (attempt.ended_at or now)
-            < _placement(self._job(attempt.job_id))["drain_timeout_s"]
+        exiting = self._exiting(attempt, now)
+        verdict = w.release(
+            self._seen_attempt(attempt), verdicts.get(cluster.name, "suspect"), exiting
         )
-        seen = self._seen_attempt(attempt)
-        verdict = w.release(seen, verdicts.get(cluster.name, "suspect"), exiting)
         if verdict == "released":
             with self.state.decision() as tx:
                 tx.update_attempt(attempt.job_id, attempt.attempt, released_at=now)
