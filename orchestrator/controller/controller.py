@@ -104,6 +104,10 @@ class Controller(PlacingMixin, FinishingMixin):
         # Calls queued on lanes whose outcome the loop applies once they finish.
         self._effects: list[tuple[Future, Callable[[Future], None]]] = []
         self._pruned_since_start = False  # see FinishingMixin._retain_after_a_restart
+        # (job, cluster, epoch) -> steps retention forgot and deletes: never entered again.
+        self._doomed: dict[tuple[str, str, int], set[int]] = {}
+        # (job, cluster) -> the attempt whose retention was asked while a listing ran.
+        self._retain_again: dict[tuple[str, str], AttemptRecord] = {}
 
     def clusters(self) -> dict[str, ClusterView]:
         return {v.name: v for v in self._fleet()}

@@ -254,7 +254,14 @@ class FinishingMixin:
         latest = self.state.latest_attempt(job_id)
         if latest is None or latest.attempt != attempt.attempt:
             return  # a newer attempt exists: this one's commits are not the job's line
-        own = {s: c for s, c in seen.commits.items() if c.epoch in (attempt.epoch, None)}
+        # A listing read before a prune's delete still names the steps that prune doomed;
+        # entering them again would leave catalog rows for dirs that are about to go.
+        doomed = self._doomed.get((job_id, cluster.name, attempt.epoch), set())
+        own = {
+            s: c
+            for s, c in seen.commits.items()
+            if c.epoch in (attempt.epoch, None) and s not in doomed
+        }
         url = checkpoints_url(cluster, job_id)
         tx.sync_checkpoints(job_id, cluster.name, url, own, now)
         if seen.listed:
@@ -264,20 +271,29 @@ class FinishingMixin:
 
     def _retain(self, job_id: str, attempt: AttemptRecord, cluster: ClusterView) -> None:
         """Prune the job's folder on `cluster` to the attempt's newest checkpoints, on the
-        cluster's cleanup lane (one prune at a time per job there): which steps go is read
-        there, the catalog forgets them here, then they are deleted there."""
+        cluster's cleanup lane (one listing at a time per job there): which steps go is read
+        there, the catalog forgets them here, then they are deleted there. Asked again while
+        a listing is under way, it runs once more after it: that listing may predate the
+        commit that asked, and the last commit of a line has no later one to prune for it."""
         keep = json.loads(self._job(job_id).run_config)["checkpoint"]["keep"]
         lane, key = cleanup_lane(cluster.name), f"prune-{job_id}"
 
         def doomed(future) -> None:
-            steps = future.result()  # a failed listing is logged; the next commit prunes again
-            if not steps:
-                return
-            with self.state.decision() as tx:
-                tx.forget_checkpoints(job_id, cluster.name, steps)
-            self._effect(lane, key, lambda: delete_steps(cluster, job_id, steps))
+            again = self._retain_again.pop((job_id, cluster.name), None)
+            # A failed listing is logged on its lane; the next request prunes again.
+            steps = future.result() if future.exception() is None else []
+            if steps:
+                with self.state.decision() as tx:
+                    tx.forget_checkpoints(job_id, cluster.name, steps)
+                self._doomed.setdefault((job_id, cluster.name, attempt.epoch), set()).update(steps)
+                delete = f"delete-{job_id}-{steps[0]}"
+                self._effect(lane, delete, lambda: delete_steps(cluster, job_id, steps))
+            if again is not None:  # queued behind the delete on the same lane
+                self._retain(job_id, again, cluster)
 
-        self._effect(lane, key, lambda: doomed_steps(cluster, job_id, attempt.epoch, keep), doomed)
+        listing = lambda: doomed_steps(cluster, job_id, attempt.epoch, keep)  # noqa: E731
+        if not self._effect(lane, key, listing, doomed):
+            self._retain_again[(job_id, cluster.name)] = attempt
 
     def _retain_after_a_restart(self, clusters: dict[str, ClusterView]) -> None:
         """On a controller's first tick, prune again wherever an unfinished job has
